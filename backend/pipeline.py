@@ -1,0 +1,316 @@
+"""The whole job: validate, then per object stage 1 (static) and stage 2 (motion), then stage 3.
+
+`run_job` is what the CLI and the server both call.  Every finished stage of every object writes
+a checkpoint into the output folder (atomically), and a rerun on the same folder skips it.
+`report.json` says "running" while a run is in progress and only says "done" once everything
+asked for exists.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from backend.config import Config, load_config, save_config
+from backend.data import VideoInput, load_folders, load_reference_layout
+from backend.errors import InputError, JobCancelled
+
+STAGES = ("static", "motion", "compose")
+EventFn = Callable[[dict], None]
+
+__all__ = ["STAGES", "JobCancelled", "run_job", "validate_job", "resolve_device"]
+
+
+@dataclass
+class PreparedJob:
+    config: Config
+    video: VideoInput
+    stages: list[str]
+    device: torch.device
+    guidance_source: str
+
+
+def _as_list(stages: Any) -> list[str]:
+    if stages is None:
+        return list(STAGES)
+    if isinstance(stages, str):
+        stages = [s.strip() for s in stages.split(",") if s.strip()]
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown or not stages:
+        raise InputError(f"stages {unknown or stages} not understood; choose from {', '.join(STAGES)}")
+    return [s for s in STAGES if s in stages]
+
+
+def resolve_device(name: str | None) -> torch.device:
+    name = name or "auto"
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("device 'cuda' asked for but CUDA is not available here; use --device cpu or auto")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise InputError(f"device '{name}' not understood; use auto, cpu or cuda")
+    return torch.device(name)
+
+
+def load_input(spec_input: dict) -> VideoInput:
+    if not isinstance(spec_input, dict):
+        raise InputError("job field 'input' must be a mapping with 'kind': 'reference' or 'folders'")
+    kind = spec_input.get("kind")
+    if kind == "reference":
+        for key in ("root", "video"):
+            if not spec_input.get(key):
+                raise InputError(f"job field 'input.{key}' is required for a reference-layout input")
+        return load_reference_layout(Path(spec_input["root"]), spec_input["video"])
+    if kind == "folders":
+        for key in ("frames", "masks"):
+            if not spec_input.get(key):
+                raise InputError(f"job field 'input.{key}' is required for a folders input")
+        optional = {k: Path(spec_input[k]) if spec_input.get(k) else None for k in ("inpainted", "inpainted_masks")}
+        return load_folders(Path(spec_input["frames"]), Path(spec_input["masks"]), **optional)
+    raise InputError(f"job field 'input.kind' is {kind!r}; use 'reference' (root + video) or 'folders'")
+
+
+KNOWN_SPEC_KEYS = {"input", "preset", "overrides", "stages", "device", "guidance", "name"}
+
+
+def prepare(spec: dict) -> PreparedJob:
+    """Everything that can fail on bad input, before any optimisation."""
+    if not isinstance(spec, dict):
+        raise InputError("a job spec must be a mapping")
+    unknown = sorted(set(spec) - KNOWN_SPEC_KEYS)
+    if unknown:
+        raise InputError(f"unknown job field '{unknown[0]}'; valid fields: {', '.join(sorted(KNOWN_SPEC_KEYS))}")
+    overrides = spec.get("overrides") or {}
+    if isinstance(overrides, dict):
+        overrides = dict(overrides)
+    elif not isinstance(overrides, list):
+        raise InputError("job field 'overrides' must be a mapping like {'stage1.iters': 300}")
+    config = load_config(spec.get("preset") or "full", overrides)
+    if spec.get("guidance") is not None:
+        config.guidance.model = str(spec["guidance"])
+    stages = _as_list(spec.get("stages"))
+    device = resolve_device(spec.get("device"))
+    video = load_input(spec.get("input"))
+    if "motion" in stages and video.num_frames < 2:
+        raise InputError(f"video '{video.name}' has 1 frame; motion needs at least 2 (use --stages static)")
+    return PreparedJob(config, video, stages, device, config.guidance.model)
+
+
+def object_frame(video: VideoInput, k: int, t: int) -> tuple[np.ndarray, np.ndarray]:
+    """Frame t of object k as stages 1 and 2 see it: the inpainted frame and amodal mask when given."""
+    if video.inpainted_frames is not None:
+        return video.inpainted_frames[k, t], video.inpainted_masks[k, t]
+    return video.frames[t], video.masks[k, t]
+
+
+def validate_job(spec: dict) -> None:
+    prepare(spec)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def write_report(out_dir: Path, report: dict) -> None:
+    atomic_write_bytes(out_dir / "report.json", json.dumps(report, indent=2, default=float).encode())
+
+
+def checkpoint_path(out_dir: Path, object_id: str, stage: str) -> Path:
+    return out_dir / "checkpoints" / object_id / f"{stage}.pt"
+
+
+def make_guidance(job: PreparedJob, emit: EventFn):
+    source = job.config.guidance.model
+    if source == "none":
+        emit(
+            {
+                "type": "log",
+                "message": "WARNING: guidance 'none': no Zero123 prior; novel views are unconstrained and will "
+                "look wrong away from the input view. Pass --guidance PATH|HUBID for the real method.",
+            }
+        )
+        return None
+    from backend.guidance import zero123
+
+    return zero123.make_guidance(job.config.guidance, job.device)
+
+
+def run_job(
+    spec: dict,
+    out_dir: Path,
+    on_event: EventFn | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> dict:
+    """Run (or resume) a job into `out_dir`; returns the report (also in out_dir/report.json)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def emit(event: dict) -> None:
+        if on_event is not None:
+            on_event(event)
+
+    previous = {}
+    if (out_dir / "report.json").is_file():
+        try:
+            previous = json.loads((out_dir / "report.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            previous = {}
+    report: dict[str, Any] = {
+        "status": "running",
+        "stages": [],
+        "device": None,
+        "guidance": None,
+        "objects": previous.get("objects", {}) if isinstance(previous.get("objects"), dict) else {},
+        "error": None,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    try:
+        job = prepare(spec)
+    except InputError as exc:
+        report.update(status="failed", error=str(exc))
+        write_report(out_dir, report)
+        raise
+    report.update(stages=job.stages, device=str(job.device), guidance=job.guidance_source)
+    if job.guidance_source == "none":
+        report["warnings"] = ["no guidance prior: novel views are unconstrained"]
+    save_config(job.config, out_dir / "config.yaml")
+    (out_dir / "spec.json").write_text(json.dumps(spec, indent=2))
+    write_report(out_dir, report)
+    t0 = time.perf_counter()
+    try:
+        _run_stages(job, out_dir, report, emit, should_stop)
+    except JobCancelled as exc:
+        report.update(status="cancelled", error=str(exc))
+        write_report(out_dir, report)
+        raise
+    except InputError as exc:
+        report.update(status="failed", error=str(exc))
+        write_report(out_dir, report)
+        raise
+    except Exception as exc:
+        report.update(status="failed", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+        write_report(out_dir, report)
+        raise
+    report["status"] = "done"
+    report["seconds"] = time.perf_counter() - t0
+    write_report(out_dir, report)
+    emit({"type": "done", "status": "done", "report": "report.json"})
+    return report
+
+
+def _run_stages(job: PreparedJob, out_dir: Path, report: dict, emit: EventFn, should_stop) -> None:
+    from backend import stage1
+
+    video = job.video
+    guidance = None
+    guidance_loaded = False
+
+    def get_guidance():
+        nonlocal guidance, guidance_loaded
+        if not guidance_loaded:
+            guidance = make_guidance(job, emit)
+            guidance_loaded = True
+        return guidance
+
+    static: dict[str, dict] = {}
+    for k, object_id in enumerate(video.object_ids):
+        path = checkpoint_path(out_dir, object_id, "static")
+        obj_report = report["objects"].setdefault(object_id, {})
+        if path.is_file():
+            emit({"type": "log", "message": f"object {object_id}: stage 1 already finished, skipping ({path})"})
+            static[object_id] = torch.load(path, map_location="cpu", weights_only=False)
+            obj_report["static"] = static[object_id]["metrics"]
+            continue
+        if "static" not in job.stages:
+            raise InputError(
+                f"object {object_id} has no stage-1 checkpoint in {out_dir}; include 'static' in --stages"
+            )
+        image, mask = object_frame(video, k, 0)
+        result = stage1.lift_object(
+            image, mask, job.config, job.device, get_guidance(), emit, should_stop, object_id=object_id
+        )
+        ckpt = {
+            "gaussians": result.model.state(),
+            "placement": result.placement_state(),
+            "metrics": result.metrics,
+        }
+        atomic_torch_save(ckpt, path)
+        static_dir = out_dir / "static"
+        static_dir.mkdir(exist_ok=True)
+        result.model.save_ply(static_dir / f"{object_id}.ply")
+        preview = write_turntable_preview(result.model, out_dir / "previews" / f"{object_id}_static.png", job.device)
+        static[object_id] = ckpt
+        obj_report["static"] = result.metrics
+        write_report(out_dir, report)
+        emit(
+            {
+                "type": "stage_done",
+                "object": object_id,
+                "stage": "static",
+                "previews": [str(preview.relative_to(out_dir))],
+                "seconds": result.metrics["seconds"],
+            }
+        )
+    if "motion" not in job.stages and "compose" not in job.stages:
+        return
+    from backend import stage2, stage3
+
+    motion: dict[str, dict] = {}
+    for k, object_id in enumerate(video.object_ids):
+        path = checkpoint_path(out_dir, object_id, "motion")
+        obj_report = report["objects"].setdefault(object_id, {})
+        if path.is_file():
+            emit({"type": "log", "message": f"object {object_id}: stage 2 already finished, skipping ({path})"})
+            motion[object_id] = torch.load(path, map_location="cpu", weights_only=False)
+            obj_report["motion"] = motion[object_id]["metrics"]
+            continue
+        if "motion" not in job.stages:
+            raise InputError(f"object {object_id} has no stage-2 checkpoint in {out_dir}; include 'motion' in --stages")
+        result = stage2.animate_object(
+            video, k, static[object_id], job.config, job.device, get_guidance(), emit, should_stop
+        )
+        atomic_torch_save(result, path)
+        motion[object_id] = result
+        obj_report["motion"] = result["metrics"]
+        write_report(out_dir, report)
+        emit({"type": "stage_done", "object": object_id, "stage": "motion", "previews": [], "seconds": result["metrics"]["seconds"]})
+    if "compose" in job.stages:
+        scene_report = stage3.compose_scene(video, motion, job.config, job.device, out_dir, emit, should_stop)
+        report["scene"] = scene_report
+        write_report(out_dir, report)
+        emit({"type": "stage_done", "object": None, "stage": "compose", "previews": scene_report.get("previews", []), "seconds": scene_report.get("seconds", 0.0)})
+
+
+def write_turntable_preview(model, path: Path, device, views: int = 8, size: int = 128) -> Path:
+    """A row of renders around the object at elevation 0, every 360/views degrees (white background)."""
+    from PIL import Image
+
+    from backend.cameras import Camera
+    from backend.stage1 import render_views
+
+    with torch.no_grad():
+        cams = [Camera.orbit(0.0, 360.0 * i / views, 2.0, size, size) for i in range(views)]
+        out = render_views(model.activated(), cams, device)
+        row = torch.cat(list(out.color.clamp(0, 1)), dim=1).cpu().numpy()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((row * 255).round().astype(np.uint8)).save(path)
+    return path
