@@ -1,0 +1,370 @@
+"""Stage-2 building blocks: deformation field, frame sampling, flow, regularisers, placement."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from backend.motion.flow import (
+    compute_flows,
+    flow_loss,
+    forward_backward_consistency,
+    gaussian_displacement_colors,
+)
+from backend.motion.frames import sample_frames
+from backend.motion.hexplane import DeformationConfig, DeformationField, normalised_time
+from backend.motion.placement import FramePlacement
+from backend.motion.regularizers import (
+    knn,
+    local_rigidity_loss,
+    local_scale_consistency_loss,
+    neighbour_weights,
+    quat_multiply,
+    quat_to_rotmat,
+    scale_deviation_loss,
+)
+
+SMALL = DeformationConfig(plane_channels=8, spatial_resolutions=[8, 16], hidden=16)
+
+
+def random_gaussians(n: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    means = (torch.rand(n, 3, generator=g) - 0.5) * 2.0
+    log_scales = torch.randn(n, 3, generator=g) - 3.0
+    quats = torch.randn(n, 4, generator=g) * 2.0  # deliberately not unit length
+    return means, log_scales, quats
+
+
+# ---------------------------------------------------------------- deformation field
+
+
+def test_default_config_matches_method():
+    cfg = DeformationConfig()
+    assert cfg.plane_channels == 32 and list(cfg.spatial_resolutions) == [64, 128, 256, 512]
+    assert cfg.bounds == 1.6 and cfg.hidden == 64
+    assert cfg.time_resolution(10) == 25 and cfg.time_resolution(100) == 80 and cfg.time_resolution(33) == 26
+    field = DeformationField(num_frames=40)
+    assert field.feature_dim == 128
+    assert field.trunk.in_features == 128 and field.trunk.out_features == 64
+    shapes = [tuple(p.shape) for p in field.planes[3]]
+    assert shapes == [(1, 32, 512, 512)] * 3 + [(1, 32, 32, 512)] * 3  # xy xz yz, then xt yt zt (T res 32)
+    # K-planes init: spatial planes in [0.1, 0.5], time planes ones.
+    xy, xt = field.planes[0][0], field.planes[0][3]
+    assert 0.1 <= xy.min().item() and xy.max().item() <= 0.5 and xy.std().item() > 0.05
+    assert torch.all(xt == 1.0)
+
+
+def test_identity_at_start():
+    field = DeformationField(num_frames=7, cfg=SMALL)
+    means, log_scales, quats = random_gaussians(300)
+    for t in (0, 3, 6, torch.randint(0, 7, (300,))):
+        m, s, q = field(means, log_scales, quats, t)
+        assert torch.equal(m, means) and torch.equal(s, log_scales) and torch.equal(q, quats)
+
+
+def test_time_mapping():
+    assert normalised_time(0, 10) == -1.0
+    assert normalised_time(5, 10) == 0.0
+    assert math.isclose(normalised_time(9, 10), 0.8)
+    assert torch.allclose(normalised_time(torch.tensor([0.0, 2.0]), 4), torch.tensor([-1.0, 0.0]))
+
+
+def test_gradients_reach_heads_then_planes():
+    torch.manual_seed(0)
+    field = DeformationField(num_frames=5, cfg=SMALL)
+    means, log_scales, quats = random_gaussians(200)
+    target = means + 0.1
+
+    def backward_once():
+        field.zero_grad(set_to_none=True)
+        m, s, q = field(means, log_scales, quats, 2)
+        ((m - target) ** 2).sum().add(s.sum()).add(q.sum()).backward()
+
+    backward_once()
+    # Zero-initialised last layers get gradient at once ...
+    for head in (field.position_head, field.log_scale_head, field.quat_head):
+        assert head.out.weight.grad.abs().sum() > 0
+    # ... and, since they are zero, nothing upstream does yet.
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in field.plane_parameters())
+    opt = torch.optim.Adam(field.param_groups())
+    opt.step()
+    backward_once()
+    assert field.trunk.weight.grad.abs().sum() > 0
+    assert field.position_head.residual.weight.grad.abs().sum() > 0
+    for scale_planes in field.planes:
+        for plane in scale_planes:
+            assert plane.grad is not None and plane.grad.abs().sum() > 0
+
+
+def test_field_depends_on_time_after_training_step():
+    torch.manual_seed(0)
+    field = DeformationField(num_frames=5, cfg=SMALL)
+    means, log_scales, quats = random_gaussians(100)
+    opt = torch.optim.Adam(field.param_groups())
+    for _ in range(100):
+        opt.zero_grad()
+        m0, _, _ = field(means, log_scales, quats, 0)
+        m4, _, _ = field(means, log_scales, quats, 4)
+        # frame 0 stays, frame 4 moves +x
+        loss = ((m0 - means) ** 2).sum() + ((m4 - means - torch.tensor([0.2, 0, 0])) ** 2).sum()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        d0 = (field(means, log_scales, quats, 0)[0] - means).mean(0)
+        d4 = (field(means, log_scales, quats, 4)[0] - means).mean(0)
+    assert abs((d4[0] - d0[0]).item() - 0.2) < 0.02
+
+
+def test_param_groups_learning_rates():
+    field = DeformationField(num_frames=3, cfg=SMALL)
+    groups = field.param_groups()
+    by_name = {g["name"]: g for g in groups}
+    assert by_name["deformation_planes"]["lr"] == pytest.approx(6.4e-3)
+    assert by_name["deformation_mlp"]["lr"] == pytest.approx(6.4e-4)
+    assert len(by_name["deformation_planes"]["params"]) == 6 * 2
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(list(field.parameters()))
+    assert field.param_groups(lr_scale=0.1)[0]["lr"] == pytest.approx(6.4e-4)
+
+
+def test_quaternion_offset_direction_is_added_then_normalised():
+    field = DeformationField(num_frames=3, cfg=SMALL)
+    with torch.no_grad():
+        field.quat_head.out.bias.copy_(torch.tensor([0.0, 0.3, 0.0, 0.0]))
+    means, log_scales, quats = random_gaussians(50)
+    _, _, q = field(means, log_scales, quats, 1)
+    unit = torch.nn.functional.normalize(quats, dim=-1)
+    expected = torch.nn.functional.normalize(unit + torch.tensor([0.0, 0.3, 0.0, 0.0]), dim=-1)
+    assert torch.allclose(torch.nn.functional.normalize(q, dim=-1), expected, atol=1e-6)
+
+
+# ---------------------------------------------------------------- frame sampling
+
+
+@pytest.mark.parametrize("num_frames", [1, 2, 3, 9, 10, 11, 50])
+def test_sample_frames_any_length(num_frames):
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        sample = sample_frames(num_frames, k=10, rng=rng)
+        assert len(sample.frames) == min(10, num_frames)
+        assert len(set(sample.frames)) == len(sample.frames)
+        assert all(0 <= t < num_frames for t in sample.frames)
+        assert sample.flow_pairs == [(t - 1, t) for t in sample.frames if t > 0]
+
+
+def test_sample_frames_covers_all_frames():
+    rng = np.random.default_rng(1)
+    seen = set()
+    for _ in range(50):
+        seen.update(sample_frames(30, k=10, rng=rng).frames)
+    assert seen == set(range(30))
+    assert sample_frames(1, rng=rng).flow_pairs == []
+    with pytest.raises(ValueError, match="num_frames"):
+        sample_frames(0)
+
+
+# ---------------------------------------------------------------- flow
+
+
+def sinusoid_texture(h: int, w: int, seed: int, dx: float = 0.0, dy: float = 0.0) -> np.ndarray:
+    """Smooth random texture in [0, 1] sampled at (x - dx, y - dy): an exact sub-pixel shift."""
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float64)
+    x, y = xs - dx, ys - dy
+    rng = np.random.default_rng(seed)
+    image = np.zeros((h, w))
+    for _ in range(30):
+        fx, fy = rng.uniform(-0.4, 0.4, 2)
+        image += np.sin(fx * x + fy * y + rng.uniform(0, 2 * np.pi))
+    return (image - image.min()) / (image.max() - image.min())
+
+
+def as_crops(greys: list[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.stack(greys)[:, None].repeat(3, 1)).float()
+
+
+@pytest.mark.parametrize("dx,dy", [(3.0, -2.0), (2.5, 1.5), (-4.3, 0.7)])
+def test_flow_recovers_translation(dx, dy):
+    h, w = 96, 128
+    crops = as_crops([sinusoid_texture(h, w, 1), sinusoid_texture(h, w, 1, dx, dy)])
+    flows, valid = compute_flows(crops)
+    assert flows.shape == (1, 2, h, w) and valid.shape == (1, h, w) and valid.dtype == torch.bool
+    interior = flows[0, :, 16:-16, 16:-16]
+    error = ((interior[0] - dx) ** 2 + (interior[1] - dy) ** 2).sqrt()
+    assert error.max() < 0.5
+    assert valid[0, 16:-16, 16:-16].float().mean() > 0.95
+
+
+def test_compute_flows_single_frame_is_empty():
+    flows, valid = compute_flows(torch.ones(1, 3, 16, 20))
+    assert flows.shape == (0, 2, 16, 20) and valid.shape == (0, 16, 20)
+
+
+def test_consistency_marks_occluded_band_invalid():
+    # Everything moves 4 px right except a band of frame b that stays put (an occluder):
+    # pixels of frame a landing in it have no way back.
+    fwd = np.zeros((64, 64, 2), np.float32)
+    fwd[..., 0] = 4.0
+    bwd = -fwd.copy()
+    bwd[:, 30:40] = 0.0
+    valid = forward_backward_consistency(fwd, bwd)
+    assert valid[:, 10:25].all()
+    assert not valid[:, 27:35].any()
+    assert valid[:, 40:55].all()
+    assert not valid[:, 61:].any()  # leaves the image
+
+
+def test_consistency_on_estimated_flow_with_occlusion():
+    # A textured square slides 12 px right over a static textured background; the background
+    # strip it covers in frame 1 is occluded and must fail the check.
+    h = w = 128
+    background = sinusoid_texture(h, w, 1) * 0.5
+    frames = []
+    for shift in (0, 12):
+        image = background.copy()
+        square = sinusoid_texture(h, w, 2, dx=shift) * 0.5 + 0.5
+        image[40:88, 40 + shift : 88 + shift] = square[40:88, 40 + shift : 88 + shift]
+        frames.append(image)
+    flows, valid = compute_flows(as_crops(frames))
+    valid = valid[0].numpy()
+    assert valid[44:84, 89:99].mean() < 0.2  # occluded strip
+    assert valid[8:32, 8:120].mean() > 0.9  # static background
+    assert valid[44:84, 44:84].mean() > 0.9  # moving square
+    assert abs(np.median(flows[0, 0, 48:80, 48:80].numpy()) - 12.0) < 0.5
+
+
+def test_flow_loss_normalisation_and_regions():
+    h, w = 10, 20
+    flow = torch.zeros(2, h, w)
+    flow[0] = 4.0  # 4 px right inside the mask
+    mask = torch.zeros(h, w, dtype=torch.bool)
+    mask[:, :10] = True
+    valid = torch.ones(h, w, dtype=torch.bool)
+    rendered = torch.zeros(2, h, w, requires_grad=True)
+    # inside: |0 - 4| / W = 0.2; outside target is zero motion: 0
+    assert flow_loss(rendered, flow, mask, valid).item() == pytest.approx(4.0 / w)
+    # a y error is divided by H
+    rendered2 = torch.zeros(2, h, w)
+    rendered2[0, :, :10] = 4.0
+    rendered2[1, :, 10:] = 1.0
+    assert flow_loss(rendered2, flow, mask, valid).item() == pytest.approx(1.0 / h)
+    # invalid pixels inside the mask do not count; an empty region contributes 0
+    assert flow_loss(rendered, flow, mask, torch.zeros(h, w, dtype=torch.bool)).item() == 0.0
+    loss = flow_loss(rendered, flow, mask.float(), valid.float())
+    loss.backward()
+    assert rendered.grad[0, :, :10].lt(0).all()
+
+
+def test_gaussian_displacement_colors():
+    prev = torch.randn(5, 2, requires_grad=True)
+    now = torch.randn(5, 2, requires_grad=True)
+    colors = gaussian_displacement_colors(prev, now)
+    assert torch.allclose(colors, now - prev)
+    colors.sum().backward()
+    assert prev.grad is None and torch.all(now.grad == 1)
+
+
+# ---------------------------------------------------------------- regularisers
+
+
+def test_knn_matches_brute_force():
+    torch.manual_seed(0)
+    points = torch.rand(700, 3, dtype=torch.float64)
+    idx, dist = knn(points, k=16, max_chunk_elements=700 * 50)  # force many chunks
+    full = torch.cdist(points, points)
+    full.fill_diagonal_(float("inf"))
+    ref_dist, ref_idx = full.topk(16, dim=1, largest=False)
+    assert torch.equal(idx, ref_idx)
+    assert torch.allclose(dist, ref_dist)
+    assert not (idx == torch.arange(700)[:, None]).any()
+
+
+def test_knn_20k_points_quick():
+    import time
+
+    points = torch.rand(20000, 3)
+    start = time.perf_counter()
+    idx, dist = knn(points, k=16)
+    assert time.perf_counter() - start < 15.0
+    assert idx.shape == (20000, 16) and torch.all(dist[:, 1:] >= dist[:, :-1])
+
+
+def random_rotation(seed: int) -> torch.Tensor:
+    q = torch.nn.functional.normalize(torch.randn(4, generator=torch.Generator().manual_seed(seed)), dim=0)
+    return q
+
+
+def test_rigidity_zero_for_rigid_motion_positive_for_warp():
+    means, _, quats = random_gaussians(400, seed=3)
+    means = means * 0.3
+    idx, dist = knn(means, k=16)
+    weights = neighbour_weights(dist)
+    q_rigid = random_rotation(5)
+    rot = quat_to_rotmat(q_rigid)
+    moved = means @ rot.T + torch.tensor([0.3, -0.2, 0.5])
+    moved_quats = quat_multiply(q_rigid.expand_as(quats), quats)
+    rigid = local_rigidity_loss(means, moved, quats, moved_quats, idx, weights)
+    assert rigid.item() < 1e-5
+    assert local_rigidity_loss(means, means, quats, quats, idx, weights).item() < 1e-9
+    # translating without rotating the Gaussians is rigid too
+    shifted = local_rigidity_loss(means, means + 1.0, quats, quats * 3.0, idx, weights)
+    assert shifted.item() < 1e-5
+    # a bend (rotation angle varying along x) is not
+    angle = 2.0 * means[:, 0:1]
+    bent = torch.cat(
+        [means[:, 0:1], means[:, 1:2] * torch.cos(angle) - means[:, 2:3] * torch.sin(angle),
+         means[:, 1:2] * torch.sin(angle) + means[:, 2:3] * torch.cos(angle)],
+        dim=1,
+    )  # fmt: skip
+    assert local_rigidity_loss(means, bent, quats, quats, idx, weights).item() > 1e-3
+    # rotating the points but not the Gaussians' frames is also penalised
+    assert local_rigidity_loss(means, moved, quats, quats, idx, weights).item() > 1e-3
+    stretched = means * torch.tensor([1.5, 1.0, 1.0])
+    assert local_rigidity_loss(means, stretched, quats, quats, idx, weights).item() > 1e-3
+
+
+def test_rigidity_gradient_is_finite_at_identity():
+    means, _, quats = random_gaussians(100, seed=4)
+    idx, dist = knn(means, k=8)
+    deformed = means.clone().requires_grad_(True)
+    local_rigidity_loss(means, deformed, quats, quats, idx, neighbour_weights(dist)).backward()
+    assert torch.isfinite(deformed.grad).all()
+
+
+def test_scale_losses():
+    means, _, _ = random_gaussians(200, seed=5)
+    idx, dist = knn(means, k=16)
+    weights = neighbour_weights(dist)
+    assert torch.allclose(weights, torch.exp(-10 * dist))
+    uniform = torch.full((200, 3), 0.3)
+    assert scale_deviation_loss(uniform).item() == pytest.approx(0.3)
+    assert local_scale_consistency_loss(uniform, idx, weights).item() < 1e-9
+    noisy = torch.randn(200, 3, generator=torch.Generator().manual_seed(0)) * 0.3
+    assert local_scale_consistency_loss(noisy, idx, weights).item() > 0.05
+
+
+# ---------------------------------------------------------------- placement
+
+
+def test_frame_placement():
+    translation = np.array([[0.0, 0.0, 0.0], [1.0, 2.0, 3.0], [-1.0, 0.0, 0.5]])
+    scale = np.array([1.0, 2.0, 0.5])
+    placement = FramePlacement(translation, scale)
+    means = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, -1.0]])
+    scales = torch.full((2, 3), 0.1)
+    m, s = placement.apply(means, scales, 1)
+    assert torch.allclose(m, means * 2.0 + torch.tensor([1.0, 2.0, 3.0]))
+    assert torch.allclose(s, scales * 2.0)
+    m_per, s_per = placement.apply(means, scales, torch.tensor([2, 0]))
+    assert torch.allclose(m_per[0], means[0] * 0.5 + torch.tensor([-1.0, 0.0, 0.5]))
+    assert torch.allclose(m_per[1], means[1]) and torch.allclose(s_per[1], scales[1])
+    # translation learns; scale only when asked
+    m.sum().backward()
+    assert placement.translation.grad[1].abs().sum() > 0 and not placement.log_scale.requires_grad
+    learned = FramePlacement(translation, scale, learn_scale=True)
+    learned.apply(means, scales, 2)[0].sum().backward()
+    assert learned.log_scale.grad[2] != 0
+    with pytest.raises(ValueError, match="one scale per frame"):
+        FramePlacement(translation, scale[:2])
