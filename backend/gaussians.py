@@ -100,11 +100,11 @@ class GaussianModel(nn.Module):
 
     def save_ply(self, path: Path) -> None:
         a = {k: v.detach().cpu().numpy() for k, v in self.activated().items()}
-        ply.write_gaussians_ply(path, a["means"], a["quats"], a["scales"], a["opacities"], a["colors"])
+        ply.write_ply(path, a["means"], a["quats"], a["scales"], a["opacities"], a["colors"])
 
     @classmethod
     def load_ply(cls, path: Path, device="cpu") -> GaussianModel:
-        g = ply.read_gaussians_ply(path)
+        g = ply.read_ply(path)
         t = {k: torch.as_tensor(np.asarray(v), dtype=torch.float32) for k, v in g.items()}
         return cls(
             t["means"],

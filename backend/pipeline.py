@@ -105,13 +105,6 @@ def prepare(spec: dict) -> PreparedJob:
     return PreparedJob(config, video, stages, device, config.guidance.model)
 
 
-def object_frame(video: VideoInput, k: int, t: int) -> tuple[np.ndarray, np.ndarray]:
-    """Frame t of object k as stages 1 and 2 see it: the inpainted frame and amodal mask when given."""
-    if video.inpainted_frames is not None:
-        return video.inpainted_frames[k, t], video.inpainted_masks[k, t]
-    return video.frames[t], video.masks[k, t]
-
-
 def validate_job(spec: dict) -> None:
     prepare(spec)
 
@@ -244,7 +237,7 @@ def _run_stages(job: PreparedJob, out_dir: Path, report: dict, emit: EventFn, sh
             raise InputError(
                 f"object {object_id} has no stage-1 checkpoint in {out_dir}; include 'static' in --stages"
             )
-        image, mask = object_frame(video, k, 0)
+        image, mask = video.object_frames(k)[0], video.object_masks(k)[0]
         result = stage1.lift_object(
             image, mask, job.config, job.device, get_guidance(), emit, should_stop, object_id=object_id
         )

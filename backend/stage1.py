@@ -7,6 +7,7 @@ the reference-view metrics.  The caller saves checkpoints.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 
 from backend.cameras import Camera, fit_long_side, input_camera, stack_cameras
 from backend.config import Config
-from backend.crop import CropWindow, object_crop
+from backend.crop import CropWindow, crop_object
 from backend.errors import JobCancelled
 from backend.gaussians import (
     DensifyStrategy,
@@ -45,8 +46,7 @@ class StaticResult:
         return {
             "scale": float(self.scale),
             "translation": [float(v) for v in self.translation],
-            "crop_center": [float(v) for v in self.crop_window.center],
-            "crop_side": float(self.crop_window.side),
+            "crop_window": self.crop_window.to_dict(),
         }
 
 
@@ -131,12 +131,12 @@ def lift_object(
 
     frame = to_chw(image, device)
     frame_mask = torch.as_tensor(mask, dtype=torch.float32, device=device)[None]
-    ref_img, ref_mask, window = object_crop(frame, frame_mask, size=cfg.reference_size, fill=config.crop_fill)
-    ref_mask = (ref_mask > 0.5).float()
+    crop = crop_object(frame.permute(1, 2, 0), frame_mask[0], size=cfg.reference_size, fill_ratio=config.crop_fill)
+    ref_img, ref_mask, window = crop.image, (crop.mask > 0.5).float(), crop.window
     ref_cam = Camera.orbit(0.0, 0.0, 2.0, cfg.reference_size, cfg.reference_size)
     if guidance is not None:
-        sds_ref, _, _ = object_crop(frame, frame_mask, size=256, fill=config.crop_fill)
-        guidance.set_references(sds_ref[None])
+        sds_ref = crop_object(frame.permute(1, 2, 0), frame_mask[0], size=256, window=_resized_window(window, 256))
+        guidance.set_references(sds_ref.image[None])
 
     model = GaussianModel.random_ball(cfg.num_gaussians, cfg.init_radius, generator=gen, device=device)
     lrs = {
@@ -229,6 +229,10 @@ def lift_object(
     return StaticResult(model, window, scale, translation, metrics)
 
 
+def _resized_window(window: CropWindow, size: int) -> CropWindow:
+    return dataclasses.replace(window, size=size)
+
+
 def transform_gaussians(g: dict, scale, translation) -> dict:
     """Object -> world: positions scaled about the object origin then translated; sizes scaled."""
     out = dict(g)
@@ -259,7 +263,7 @@ def place_frame0(
     scale = float(window.side) / height
     w, h = fit_long_side(width, height, cfg.placement_max_side)
     cam = input_camera(width, height)
-    start = cam.unproject(np.array([window.center]), np.array([2.0]))[0]
+    start = cam.unproject(np.array([[window.centre_x, window.centre_y]]), np.array([2.0]))[0]
     cam = cam.resized(w, h)
     target = F.interpolate(frame[None], (h, w), mode="area")[0]
     target_mask = (F.interpolate(frame_mask[None], (h, w), mode="area")[0] > 0.5).float()
