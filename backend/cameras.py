@@ -31,7 +31,9 @@ def orbit_position(elevation_deg: float, azimuth_deg: float, radius: float) -> n
     )
 
 
-def look_at_c2w(eye: np.ndarray, target: np.ndarray | None = None, up: np.ndarray | None = None) -> np.ndarray:
+def look_at_c2w(
+    eye: np.ndarray, target: np.ndarray | None = None, up: np.ndarray | None = None
+) -> np.ndarray:
     """Camera-to-world matrix (OpenCV axes) of a camera at `eye` looking at `target`."""
     target = np.zeros(3) if target is None else np.asarray(target, dtype=np.float64)
     up = np.array([0.0, 1.0, 0.0]) if up is None else np.asarray(up, dtype=np.float64)
@@ -113,7 +115,9 @@ class Camera:
         return cam @ c2w[:3, :3].T + c2w[:3, 3]
 
 
-def stack_cameras(cameras: list[Camera], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def stack_cameras(
+    cameras: list[Camera], device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Cameras -> (viewmats [C, 4, 4], Ks [C, 3, 3]) float32 tensors for the rasterizer."""
     viewmats = torch.tensor(np.stack([c.viewmat for c in cameras]), dtype=torch.float32, device=device)
     Ks = torch.tensor(np.stack([c.K for c in cameras]), dtype=torch.float32, device=device)

@@ -16,7 +16,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--data", type=Path, help="root holding JPEGImages/<video>, Annotations/<video>/<obj>")
     src.add_argument("--video", help="video name inside --data")
     src.add_argument("--frames", type=Path, help="folder of frames named NNNNN.png|jpg")
-    src.add_argument("--masks", type=Path, help="folder with one sub-folder of masks per object, or indexed masks")
+    src.add_argument(
+        "--masks", type=Path, help="folder with one sub-folder of masks per object, or indexed masks"
+    )
     src.add_argument("--inpainted", type=Path, help="per-object inpainted frames (sub-folder per object)")
     src.add_argument("--inpainted-masks", type=Path, help="per-object amodal masks (sub-folder per object)")
     p.add_argument("--out", type=Path, required=True, help="output folder; rerunning on it resumes")
@@ -24,7 +26,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--stages", default="static,motion,compose", help="comma list of static,motion,compose")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--guidance", default=None, help="none | local Zero123 folder | hub id (default: the preset's)")
+    p.add_argument(
+        "--guidance", default=None, help="none | local Zero123 folder | hub id (default: the preset's)"
+    )
 
 
 def spec_from_args(args: argparse.Namespace) -> dict:
@@ -96,8 +100,15 @@ def run_main(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume from the last finished stage", file=sys.stderr)
         return 130
-    summary = {oid: {s: {k: round(v, 3) for k, v in m.items()} for s, m in o.items()} for oid, o in report["objects"].items()}
-    print(json.dumps({"status": report["status"], "objects": summary, "scene": report.get("scene", {}).get("summary")}))
+    summary = {
+        oid: {s: {k: round(v, 3) for k, v in m.items()} for s, m in o.items()}
+        for oid, o in report["objects"].items()
+    }
+    print(
+        json.dumps(
+            {"status": report["status"], "objects": summary, "scene": report.get("scene", {}).get("summary")}
+        )
+    )
     print(f"wrote {args.out} in {time.perf_counter() - t0:.1f}s")
     return 0
 

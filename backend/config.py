@@ -47,7 +47,9 @@ class Stage1Config:
     novel_views: int = 16
     reference_size: int = 256
     # (fraction of training, novel-view resolution): 128 -> 256 -> 512 at 30% / 60%.
-    novel_resolution_schedule: list[list[float]] = field(default_factory=lambda: [[0.0, 128], [0.3, 256], [0.6, 512]])
+    novel_resolution_schedule: list[list[float]] = field(
+        default_factory=lambda: [[0.0, 128], [0.3, 256], [0.6, 512]]
+    )
     elevation_range: list[float] = field(default_factory=lambda: [-30.0, 30.0])
     azimuth_range: list[float] = field(default_factory=lambda: [-180.0, 180.0])
     radius_range: list[float] = field(default_factory=lambda: [-0.5, 0.5])
@@ -58,7 +60,9 @@ class Stage1Config:
     lr_opacity: float = 5e-2
     lr_scale: float = 5e-3
     lr_rotation: float = 5e-3
-    loss_weights: dict[str, float] = field(default_factory=lambda: {"rgb": 10000.0, "mask": 1000.0, "sds": 1.0})
+    loss_weights: dict[str, float] = field(
+        default_factory=lambda: {"rgb": 10000.0, "mask": 1000.0, "sds": 1.0}
+    )
     densify: DensifyConfig = field(default_factory=DensifyConfig)
     placement_iters: int = 1000
     placement_max_side: int = 720
@@ -96,17 +100,26 @@ class Stage2Config:
 
 @dataclass
 class Stage3Config:
+    # "auto" (Depth-Anything small from the local cache, else keep the stage-1/2 depths), "none",
+    # or a local folder / hub id of a transformers depth-estimation model.
     depth_model: str = "auto"
     k_sweep_min: float = 0.65
     k_sweep_max: float = 1.5
-    k_sweep_steps: int = 86
+    # The published sweep: 1000 steps of 0.00085 from 0.65.
+    k_sweep_steps: int = 1000
     alpha_threshold: float = 0.75
+    # The published composition works on frames resized to at most 720 px.
+    sweep_long_side: int = 720
+    # Mask erosion (px) at a 512 px long side, scaled with the working size.
+    mask_erosion: int = 7
     render_long_side: int = 512
     loops: int = 5
     orbit_frames: int = 0
     fps: float = 10.0
     write_ply_sequence: bool = False
     track_grid: int = 48
+    # A tracked Gaussian is visible when its depth <= the rendered depth at its pixel + this.
+    track_visibility_tolerance: float = 0.1
 
 
 @dataclass
@@ -209,14 +222,20 @@ def load_config(preset: str | Path = "full", overrides: dict[str, Any] | list[st
     """Preset name (or YAML path) + overrides -> Config.  Raises InputError on any bad key or value."""
     path = Path(preset) if str(preset).endswith((".yaml", ".yml")) else CONFIG_DIR / f"{preset}.yaml"
     if not path.is_file():
-        raise InputError(f"preset '{preset}' not found (looked for {path}); choose one of {', '.join(PRESETS)}")
+        raise InputError(
+            f"preset '{preset}' not found (looked for {path}); choose one of {', '.join(PRESETS)}"
+        )
     try:
         values = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise InputError(f"{path} is not valid YAML: {exc}") from exc
     if not isinstance(values, dict):
         raise InputError(f"{path} must hold a mapping of config keys")
-    pairs = [parse_override(o) for o in overrides] if isinstance(overrides, list) else list((overrides or {}).items())
+    pairs = (
+        [parse_override(o) for o in overrides]
+        if isinstance(overrides, list)
+        else list((overrides or {}).items())
+    )
     for key, value in pairs:
         values = _merge_override(values, key, value)
     return _build(Config, values)

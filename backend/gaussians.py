@@ -198,7 +198,9 @@ class DensifyStrategy:
         self.grad_sum: torch.Tensor | None = None
         self.count: torch.Tensor | None = None
 
-    def after_backward(self, model: GaussianModel, means2d: torch.Tensor, radii: torch.Tensor, width: int, height: int):
+    def after_backward(
+        self, model: GaussianModel, means2d: torch.Tensor, radii: torch.Tensor, width: int, height: int
+    ):
         """Accumulate |d loss / d means2d| in NDC for every camera where a Gaussian was visible."""
         if means2d.grad is None:
             return
@@ -268,7 +270,9 @@ class DensifyStrategy:
         return {"cloned": int(clone.sum()), "split": n_split}
 
 
-def final_prune(model: GaussianModel, optimizer: torch.optim.Optimizer | None, opacity: float, max_scale: float) -> int:
+def final_prune(
+    model: GaussianModel, optimizer: torch.optim.Optimizer | None, opacity: float, max_scale: float
+) -> int:
     with torch.no_grad():
         a = model.activated()
         remove = (a["opacities"] < opacity) | (a["scales"].amax(dim=1) > max_scale)

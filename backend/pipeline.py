@@ -74,7 +74,9 @@ def load_input(spec_input: dict) -> VideoInput:
         for key in ("frames", "masks"):
             if not spec_input.get(key):
                 raise InputError(f"job field 'input.{key}' is required for a folders input")
-        optional = {k: Path(spec_input[k]) if spec_input.get(k) else None for k in ("inpainted", "inpainted_masks")}
+        optional = {
+            k: Path(spec_input[k]) if spec_input.get(k) else None for k in ("inpainted", "inpainted_masks")
+        }
         return load_folders(Path(spec_input["frames"]), Path(spec_input["masks"]), **optional)
     raise InputError(f"job field 'input.kind' is {kind!r}; use 'reference' (root + video) or 'folders'")
 
@@ -88,7 +90,9 @@ def prepare(spec: dict) -> PreparedJob:
         raise InputError("a job spec must be a mapping")
     unknown = sorted(set(spec) - KNOWN_SPEC_KEYS)
     if unknown:
-        raise InputError(f"unknown job field '{unknown[0]}'; valid fields: {', '.join(sorted(KNOWN_SPEC_KEYS))}")
+        raise InputError(
+            f"unknown job field '{unknown[0]}'; valid fields: {', '.join(sorted(KNOWN_SPEC_KEYS))}"
+        )
     overrides = spec.get("overrides") or {}
     if isinstance(overrides, dict):
         overrides = dict(overrides)
@@ -229,7 +233,9 @@ def _run_stages(job: PreparedJob, out_dir: Path, report: dict, emit: EventFn, sh
         path = checkpoint_path(out_dir, object_id, "static")
         obj_report = report["objects"].setdefault(object_id, {})
         if path.is_file():
-            emit({"type": "log", "message": f"object {object_id}: stage 1 already finished, skipping ({path})"})
+            emit(
+                {"type": "log", "message": f"object {object_id}: stage 1 already finished, skipping ({path})"}
+            )
             static[object_id] = torch.load(path, map_location="cpu", weights_only=False)
             obj_report["static"] = static[object_id]["metrics"]
             continue
@@ -250,7 +256,9 @@ def _run_stages(job: PreparedJob, out_dir: Path, report: dict, emit: EventFn, sh
         static_dir = out_dir / "static"
         static_dir.mkdir(exist_ok=True)
         result.model.save_ply(static_dir / f"{object_id}.ply")
-        preview = write_turntable_preview(result.model, out_dir / "previews" / f"{object_id}_static.png", job.device)
+        preview = write_turntable_preview(
+            result.model, out_dir / "previews" / f"{object_id}_static.png", job.device
+        )
         static[object_id] = ckpt
         obj_report["static"] = result.metrics
         write_report(out_dir, report)
@@ -272,12 +280,16 @@ def _run_stages(job: PreparedJob, out_dir: Path, report: dict, emit: EventFn, sh
         path = checkpoint_path(out_dir, object_id, "motion")
         obj_report = report["objects"].setdefault(object_id, {})
         if path.is_file():
-            emit({"type": "log", "message": f"object {object_id}: stage 2 already finished, skipping ({path})"})
+            emit(
+                {"type": "log", "message": f"object {object_id}: stage 2 already finished, skipping ({path})"}
+            )
             motion[object_id] = torch.load(path, map_location="cpu", weights_only=False)
             obj_report["motion"] = motion[object_id]["metrics"]
             continue
         if "motion" not in job.stages:
-            raise InputError(f"object {object_id} has no stage-2 checkpoint in {out_dir}; include 'motion' in --stages")
+            raise InputError(
+                f"object {object_id} has no stage-2 checkpoint in {out_dir}; include 'motion' in --stages"
+            )
         result = stage2.animate_object(
             video, k, static[object_id], job.config, job.device, get_guidance(), emit, should_stop
         )
@@ -285,12 +297,28 @@ def _run_stages(job: PreparedJob, out_dir: Path, report: dict, emit: EventFn, sh
         motion[object_id] = result
         obj_report["motion"] = result["metrics"]
         write_report(out_dir, report)
-        emit({"type": "stage_done", "object": object_id, "stage": "motion", "previews": [], "seconds": result["metrics"]["seconds"]})
+        emit(
+            {
+                "type": "stage_done",
+                "object": object_id,
+                "stage": "motion",
+                "previews": [],
+                "seconds": result["metrics"]["seconds"],
+            }
+        )
     if "compose" in job.stages:
         scene_report = stage3.compose_scene(video, motion, job.config, job.device, out_dir, emit, should_stop)
         report["scene"] = scene_report
         write_report(out_dir, report)
-        emit({"type": "stage_done", "object": None, "stage": "compose", "previews": scene_report.get("previews", []), "seconds": scene_report.get("seconds", 0.0)})
+        emit(
+            {
+                "type": "stage_done",
+                "object": None,
+                "stage": "compose",
+                "previews": scene_report.get("previews", []),
+                "seconds": scene_report.get("seconds", 0.0),
+            }
+        )
 
 
 def write_turntable_preview(model, path: Path, device, views: int = 8, size: int = 128) -> Path:

@@ -91,7 +91,9 @@ def render_views(model_tensors: dict, cameras: list[Camera], device, background=
 
 def sample_novel_cameras(cfg, count: int, resolution: int, rng: np.random.Generator):
     """Random orbit views around the reference (elevation 0, azimuth 0, radius 2)."""
-    d_elev = rng.integers(int(cfg.elevation_range[0]), int(cfg.elevation_range[1]) + 1, size=count).astype(float)
+    d_elev = rng.integers(int(cfg.elevation_range[0]), int(cfg.elevation_range[1]) + 1, size=count).astype(
+        float
+    )
     d_azim = rng.uniform(cfg.azimuth_range[0], cfg.azimuth_range[1], size=count)
     d_rad = rng.uniform(cfg.radius_range[0], cfg.radius_range[1], size=count)
     cams = [Camera.orbit(e, a, 2.0 + r, resolution, resolution) for e, a, r in zip(d_elev, d_azim, d_rad)]
@@ -131,11 +133,15 @@ def lift_object(
 
     frame = to_chw(image, device)
     frame_mask = torch.as_tensor(mask, dtype=torch.float32, device=device)[None]
-    crop = crop_object(frame.permute(1, 2, 0), frame_mask[0], size=cfg.reference_size, fill_ratio=config.crop_fill)
+    crop = crop_object(
+        frame.permute(1, 2, 0), frame_mask[0], size=cfg.reference_size, fill_ratio=config.crop_fill
+    )
     ref_img, ref_mask, window = crop.image, (crop.mask > 0.5).float(), crop.window
     ref_cam = Camera.orbit(0.0, 0.0, 2.0, cfg.reference_size, cfg.reference_size)
     if guidance is not None:
-        sds_ref = crop_object(frame.permute(1, 2, 0), frame_mask[0], size=256, window=_resized_window(window, 256))
+        sds_ref = crop_object(
+            frame.permute(1, 2, 0), frame_mask[0], size=256, window=_resized_window(window, 256)
+        )
         guidance.set_references(sds_ref.image[None])
 
     model = GaussianModel.random_ball(cfg.num_gaussians, cfg.init_radius, generator=gen, device=device)
@@ -170,7 +176,9 @@ def lift_object(
         ratio = (step + 1) / cfg.iters
         for group in optimizer.param_groups:
             if group["name"] == "means":
-                group["lr"] = exponential_lr(step, cfg.lr_position, cfg.lr_position_final, cfg.lr_position_steps)
+                group["lr"] = exponential_lr(
+                    step, cfg.lr_position, cfg.lr_position_final, cfg.lr_position_steps
+                )
         g = model.activated()
         ref = render_views(g, [ref_cam], device, backend=raster_backend)
         color = ref.color[0].permute(2, 0, 1)
@@ -281,7 +289,10 @@ def place_frame0(
         out = render_views(transform_gaussians(g, scale, translation), [cam], device, backend=raster_backend)
         color = out.color[0].permute(2, 0, 1)
         alpha = out.alpha[0].permute(2, 0, 1)
-        losses = {"rgb": balanced_mse(color, target, target_mask), "mask": balanced_mse(alpha, target_mask, target_mask)}
+        losses = {
+            "rgb": balanced_mse(color, target, target_mask),
+            "mask": balanced_mse(alpha, target_mask, target_mask),
+        }
         total = weights.total(losses)
         optimizer.zero_grad(set_to_none=True)
         total.backward()

@@ -197,7 +197,9 @@ def animate_object(
             ]
         ).mean()
         if guidance is not None:
-            losses["sds"] = sds_for_frames(guidance, cfg, sample.frames, index, means, log_s, quats, gaussians, ratio, rng, device)
+            losses["sds"] = sds_for_frames(
+                guidance, cfg, sample.frames, index, means, log_s, quats, gaussians, ratio, rng, device
+            )
         total = losses_a.total(losses, scale={"rgb": ratio, "mask": ratio})
         optimizer.zero_grad(set_to_none=True)
         total.backward()
@@ -245,7 +247,9 @@ def animate_object(
         frames_c = sample_frames(T, cfg.frames_per_step, rng).frames
         deformed = deform(frames_c)
         local = {t: i for i, t in enumerate(frames_c)}
-        losses = world_losses(frames_c, deformed, placement, gaussians, cam, targets, target_masks, device, local)
+        losses = world_losses(
+            frames_c, deformed, placement, gaussians, cam, targets, target_masks, device, local
+        )
         total = losses_b.total(losses)
         opt_c.zero_grad(set_to_none=True)
         total.backward()
@@ -266,7 +270,13 @@ def animate_object(
         per_frame = []
         for t in range(T):
             g = {k2: v.to(device) for k2, v in baked.items()}
-            g = {"means": g["means"][t], "quats": g["quats"][t], "scales": g["scales"][t], "opacities": g["opacities"], "colors": g["colors"]}
+            g = {
+                "means": g["means"][t],
+                "quats": g["quats"][t],
+                "scales": g["scales"][t],
+                "opacities": g["opacities"],
+                "colors": g["colors"],
+            }
             out = render_views(g, [cam], device)
             per_frame.append(
                 {
@@ -345,6 +355,7 @@ def sds_for_frames(guidance, cfg, frames, index, means, log_s, quats, gaussians,
         step_ratio=ratio,
         reference_index=torch.tensor(refs, device=device),
         t_range=tuple(cfg.sds_t_range),
-        anneal="hold_then_linear",
+        # Linear anneal clipped to [20, 500] holds t at 500 for the first half, as published.
+        anneal="linear",
     )
     return loss
