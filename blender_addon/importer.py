@@ -2,9 +2,9 @@
 
 One collection per scene; one mesh object per DreamScene4D object whose vertices are the
 Gaussians, with point attributes `opacity` (float), `scale` (linear, vector), `rotation`
-(quaternion) and `color` (linear RGB with the opacity in alpha).  A geometry-nodes modifier turns
+(quaternion) and `splat_color` (linear RGB with the opacity in alpha).  A geometry-nodes modifier turns
 the vertices into splats (spheres as a point cloud, or rotated ellipsoid instances) with a material
-that reads `color`; both Cycles and EEVEE render them and the viewport shows them.
+that reads `splat_color`; both Cycles and EEVEE render them and the viewport shows them.
 
 Motion: the per-frame arrays stay memory-mapped in the scene's .npz files; a frame-change handler
 writes the current frame's positions, scales and rotations into the meshes with foreach_set, so
@@ -26,6 +26,8 @@ NODE_GROUP_NAME = "DreamScene4D Splats"
 MATERIAL_NAME = "DreamScene4D Splat"
 SCENE_PATH_KEY = "ds4d_scene_path"
 OBJECT_ID_KEY = "ds4d_object_id"
+# Not plain "color": Cycles does not hand an attribute of that name to shaders on point clouds.
+COLOR_ATTRIBUTE = "splat_color"
 
 # Scene folder -> Scene with memory-mapped arrays.  Rebuilt lazily after a .blend is reopened.
 _loaded_scenes: dict[str, scene_format.Scene] = {}
@@ -58,7 +60,7 @@ def _link(tree, from_socket, to_socket):
 
 
 def ensure_splat_material() -> bpy.types.Material:
-    """Emission coloured by the `color` attribute, mixed with transparency by its alpha (the opacity)."""
+    """Emission coloured by the `splat_color` attribute, mixed with transparency by its alpha (the opacity)."""
     material = bpy.data.materials.get(MATERIAL_NAME)
     if material is not None:
         return material
@@ -73,9 +75,9 @@ def ensure_splat_material() -> bpy.types.Material:
     # Points carry the attribute on their own geometry; ellipsoid instances get it from the
     # instancer.  A lookup that does not apply returns zero, so the sum is the one that does.
     on_geometry = tree.nodes.new("ShaderNodeAttribute")
-    on_geometry.attribute_type, on_geometry.attribute_name = "GEOMETRY", "color"
+    on_geometry.attribute_type, on_geometry.attribute_name = "GEOMETRY", COLOR_ATTRIBUTE
     on_instancer = tree.nodes.new("ShaderNodeAttribute")
-    on_instancer.attribute_type, on_instancer.attribute_name = "INSTANCER", "color"
+    on_instancer.attribute_type, on_instancer.attribute_name = "INSTANCER", COLOR_ATTRIBUTE
     color_sum = tree.nodes.new("ShaderNodeVectorMath")
     color_sum.operation = "ADD"
     _link(tree, on_geometry.outputs["Color"], color_sum.inputs[0])
@@ -253,7 +255,7 @@ def _new_point_mesh(name: str, count: int) -> bpy.types.Mesh:
         ("opacity", "FLOAT"),
         ("scale", "FLOAT_VECTOR"),
         ("rotation", "QUATERNION"),
-        ("color", "FLOAT_COLOR"),
+        (COLOR_ATTRIBUTE, "FLOAT_COLOR"),
     ):
         mesh.attributes.new(attribute, data_type, "POINT")
     return mesh
@@ -281,7 +283,7 @@ def import_scene(context, path: str | Path, name: str | None = None) -> bpy.type
         rgba = np.empty((count, 4), dtype=np.float32)
         rgba[:, :3] = srgb_to_linear(np.asarray(arrays["colors"]))
         rgba[:, 3] = opacities
-        mesh.attributes["color"].data.foreach_set("color", rgba.ravel())
+        mesh.attributes[COLOR_ATTRIBUTE].data.foreach_set("color", rgba.ravel())
         mesh.materials.append(material)
         obj = bpy.data.objects.new(mesh.name, mesh)
         obj[OBJECT_ID_KEY] = object_id

@@ -52,7 +52,7 @@ class DS4D_ObjectItem(bpy.types.PropertyGroup):
     )
     depth_offset: FloatProperty(
         name="Depth Offset",
-        description="Move the object along the input camera's viewing direction (scene units)",
+        description="Move the object along the ray from the input camera through its centre (scene units)",
         default=0.0,
         soft_min=-5.0,
         soft_max=5.0,

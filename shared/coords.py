@@ -197,21 +197,24 @@ def apply_depth_adjustment(
     depth_scale: float = 1.0,
     depth_offset: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Move Gaussians along the input camera's rays (backend world), as the composition stage does.
+    """Move one frame of an object's Gaussians along the input camera's rays (backend world).
 
-    depth_scale k scales positions about the camera centre C (mu -> C + (mu - C) k) and the
-    scales by k, so the object keeps its image footprint while moving in depth; depth_offset d
-    then moves it by d along the camera's viewing direction.  Both sides (the add-on's preview
-    and the backend's re-render) call this function with the artist's per-object values.
+    depth_scale k scales positions about the input camera's centre C (mu -> C + (mu - C) k) and
+    the scales by k, so the object keeps its image footprint from the input view while its depth
+    changes (the composition stage's placement); depth_offset d then moves the object rigidly by
+    d along the ray from C through its centroid.  The add-on's preview calls this with the
+    artist's per-object values; the backend's render_path applies the same rule.
     """
     means = np.asarray(means)
     if depth_scale == 1.0 and depth_offset == 0.0:
         return means, scales
-    viewmat = np.asarray(viewmat, dtype=np.float64)
     center = camera_center(viewmat).astype(means.dtype)
-    forward = viewmat[2, :3].astype(means.dtype)  # camera +z (OpenCV) in world coordinates
     moved = center + (means - center) * np.asarray(depth_scale, dtype=means.dtype)
-    moved = moved + forward * np.asarray(depth_offset, dtype=means.dtype)
+    if depth_offset != 0.0 and len(moved):
+        direction = moved.mean(axis=0) - center
+        norm = float(np.linalg.norm(direction))
+        if norm > 1e-9:
+            moved = moved + (direction / norm * depth_offset).astype(means.dtype)
     if scales is not None:
         scales = np.asarray(scales) * np.asarray(depth_scale, dtype=np.asarray(scales).dtype)
     return moved, scales

@@ -97,7 +97,17 @@ def test_depth_adjustment_keeps_the_image_footprint():
     np.testing.assert_allclose(d1, 1.5 * d0)
     np.testing.assert_allclose(moved_scales, 0.075)
     shifted, _ = apply_depth_adjustment(means, None, cam.viewmat, depth_offset=0.4)
-    np.testing.assert_allclose(cam.project(shifted)[1], d0 + 0.4)
+    # A rigid move of 0.4 along the ray through the centroid: the centroid's pixel stays put.
+    np.testing.assert_allclose(
+        shifted - means, np.broadcast_to(shifted[0] - means[0], means.shape), atol=1e-12
+    )
+    np.testing.assert_allclose(np.linalg.norm(shifted[0] - means[0]), 0.4)
+    np.testing.assert_allclose(
+        cam.project(shifted.mean(0, keepdims=True))[0],
+        cam.project(means.mean(0, keepdims=True))[0],
+        atol=1e-9,
+    )
+    assert cam.project(shifted.mean(0, keepdims=True))[1][0] > cam.project(means.mean(0, keepdims=True))[1][0]
     np.testing.assert_allclose(camera_center(cam.viewmat), cam.center)
 
 
