@@ -281,8 +281,9 @@ class BackendServer:
             self._slow.shutdown(wait=False, cancel_futures=True)
             self._render.shutdown(wait=False, cancel_futures=True)
             self._drain_outbox(router, pub)
-            router.close(0)
-            pub.close(0)
+            # A short linger lets the reply to `shutdown` (and the last events) leave the host.
+            router.close(linger=1000)
+            pub.close(linger=1000)
             if auth is not None:
                 auth.stop()
             ctx.term()
