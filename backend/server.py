@@ -73,8 +73,11 @@ def events_endpoint_for(bind: str, events_port: int | None) -> str:
     parts = urlsplit(bind)
     if parts.scheme != "tcp":
         return f"{bind}.events"
-    port = events_port if events_port is not None else int(parts.port) + 1
-    host = parts.netloc.rsplit(":", 1)[0]
+    host, _, bind_port = parts.netloc.rpartition(":")
+    if events_port is not None:
+        port = str(events_port)
+    else:  # a wildcard request port ("*") gets a wildcard events port; hello reports the real one
+        port = str(int(bind_port) + 1) if bind_port.isdigit() else "*"
     return f"tcp://{host}:{port}"
 
 
@@ -230,6 +233,7 @@ class BackendServer:
         try:
             for sock in (router, pub):
                 sock.linger = 0
+                sock.ipv6 = "[" in self.bind  # an IPv6 literal needs the socket's IPv6 mode
                 sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
                 sock.sndtimeo = 1000
             router.setsockopt(zmq.ROUTER_MANDATORY, 0)  # replies to vanished clients are dropped
@@ -472,7 +476,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--state", type=Path, default=DEFAULT_STATE, help="job store and keys (default %(default)s)"
     )
-    p.add_argument("--max-message-mb", type=float, default=P.DEFAULT_MAX_MESSAGE_BYTES / 2**20)
+    p.add_argument(
+        "--max-message-mb",
+        type=float,
+        default=P.DEFAULT_MAX_MESSAGE_BYTES / 2**20,
+        help="largest request accepted, uploads included (default %(default)s)",
+    )
     p.add_argument("--curve", action="store_true", help="require CurveZMQ keys even on a loopback bind")
     p.add_argument("--workers", type=int, default=None, help="jobs run at once (default: one per GPU, or 1)")
     p.add_argument(

@@ -129,6 +129,7 @@ class BackendClient:
             # Queue only on completed connections (after the Curve handshake), so a request to a
             # dead or refusing server fails here instead of being delivered minutes later.
             sock.setsockopt(zmq.IMMEDIATE, 1)
+            sock.ipv6 = "[" in self.endpoint
             if self.keys is not None:
                 self.keys.apply(sock)
             sock.connect(self.endpoint)
@@ -322,6 +323,7 @@ class EventSubscriber:
         self._jobs = None if jobs is None else set(jobs)
         self._sock = (context or zmq.Context.instance()).socket(zmq.SUB)
         self._sock.linger = 0
+        self._sock.ipv6 = "[" in endpoint
         if keys is not None:
             keys.apply(self._sock)
         for job in jobs if jobs is not None else [""]:

@@ -74,6 +74,7 @@ ERROR_CODES = (
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _PRESET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+_CUDA_INDEX_RE = re.compile(r"^cuda:[0-9]{1,2}$")
 _OVERRIDE_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
 
@@ -291,7 +292,7 @@ def validate_spec(msg: Message, spec: Any, uploaded: bool) -> dict:
         spec,
         "spec",
         required=("input",),
-        optional=("preset", "overrides", "stages", "device", "guidance"),
+        optional=("preset", "overrides", "stages", "device", "guidance", "name"),
     )
     inp = spec["input"]
     if not isinstance(inp, dict):
@@ -345,8 +346,13 @@ def validate_spec(msg: Message, spec: Any, uploaded: bool) -> dict:
             or len(set(stages)) != len(stages)
         ):
             raise _fail(msg, f"spec.stages must be a non-empty list of distinct names from {list(STAGES)}")
-    if "device" in spec and spec["device"] not in DEVICES:
-        raise _fail(msg, f"spec.device must be one of {list(DEVICES)}")
+    if "device" in spec and not (
+        spec["device"] in DEVICES
+        or (isinstance(spec["device"], str) and _CUDA_INDEX_RE.match(spec["device"]))
+    ):
+        raise _fail(msg, f"spec.device must be one of {list(DEVICES)} or 'cuda:N'")
+    if "name" in spec:
+        _string(msg, spec["name"], "spec.name", 200)
     if "guidance" in spec:
         _string(msg, spec["guidance"], "spec.guidance", 1024)
     return spec
