@@ -516,3 +516,26 @@ def test_background_cli_runs_end_to_end_against_a_real_backend(tmp_path):
             if path == "fixed":
                 iou = (covered & masks[t]).sum() / (covered | masks[t]).sum()
                 assert iou > 0.6, (t, iou)  # and from the input camera, over the input mask
+
+
+def test_backend_that_is_not_there_shows_as_disconnected_without_blocking(blank):
+    import time
+
+    from blender_addon import operators
+    from blender_addon.backend_link import BackendLink
+
+    link = BackendLink("tcp://127.0.0.1:5699", poll_interval=0.5).start()  # nothing listens there
+    settings = bpy.context.scene.dreamscene4d
+    try:
+        deadline = time.monotonic() + 15.0
+        slowest = 0.0
+        while time.monotonic() < deadline and not settings.connection_message.startswith("disconnected"):
+            started = time.perf_counter()
+            for message in link.drain():  # what the UI timer does on every tick
+                operators.apply_message(settings, message)
+            slowest = max(slowest, time.perf_counter() - started)
+            time.sleep(0.05)
+        assert settings.connection_message.startswith("disconnected") and not settings.connected
+        assert slowest < 0.05  # the UI thread never waits on the network
+    finally:
+        link.stop()
