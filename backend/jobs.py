@@ -401,10 +401,14 @@ class JobManager:
 
             torch.cuda.set_device(device_index)  # per thread: "cuda" in the spec means this GPU
         while True:
-            state = self._next_job()
-            if state is None:
-                return
-            self._run(state)
+            try:
+                state = self._next_job()
+                if state is None:
+                    return
+                self._run(state)
+            except Exception:  # e.g. a full disk while writing state.json: keep serving the queue
+                log.exception("job worker error")
+                time.sleep(1.0)
 
     def _on_event(self, state: dict, event: dict) -> None:
         try:

@@ -56,6 +56,7 @@ MAX_FETCH_CHUNK = 8 * 1024 * 1024
 DEFAULT_FETCH_CHUNK = 4 * 1024 * 1024
 MAX_RENDER_CAMERAS = 2000
 MAX_RENDER_SIDE = 4096
+MAX_RENDER_PIXELS = 2000 * 512 * 512  # per request, all cameras together: bounds the reply's memory
 MAX_REQUEST_ID = 128
 MAX_STRING = 4096
 
@@ -443,6 +444,9 @@ def validate_request(msg: Message) -> Message:
             _int(msg, cam["height"], f"cameras[{i}].height", 1, MAX_RENDER_SIDE)
             if "frame" in cam:
                 _int(msg, cam["frame"], f"cameras[{i}].frame", 0, 10**6)
+        pixels = sum(cam["width"] * cam["height"] for cam in cams)
+        if pixels > MAX_RENDER_PIXELS:
+            raise _fail(msg, f"{pixels} pixels in one request; at most {MAX_RENDER_PIXELS}: split the path")
         objects = p.get("objects", {})
         if not isinstance(objects, dict) or len(objects) > 1000:
             raise _fail(msg, "'objects' must be an object of object id -> adjustments")

@@ -77,6 +77,13 @@ def test_requests_need_an_id():
     assert error_of(P.validate_request, msg).code == "bad_message"
 
 
+def test_render_requests_are_bounded_in_pixels():
+    cam = {"viewmat": [[0] * 4] * 4, "K": [[0] * 3] * 3, "width": 4096, "height": 4096}
+    err = error_of(request, "render_path", {"job": "a", "cameras": [cam] * 40})
+    assert err.code == "invalid_payload" and "split the path" in err.message
+    request("render_path", {"job": "a", "cameras": [cam] * 20})
+
+
 @pytest.mark.parametrize(
     "type_, payload, frames, fragment",
     [
@@ -231,7 +238,11 @@ def test_relative_paths_refused(path):
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20),
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
     max_leaves=20,
 )
