@@ -26,6 +26,7 @@ import logging
 import os
 import queue
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -511,7 +512,7 @@ def serve_main(args: argparse.Namespace) -> int:
             model_dirs=args.models_dir,
         )
     except RuntimeError as exc:
-        print(f"error: {exc}")
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: server.stop())
@@ -525,6 +526,6 @@ def serve_main(args: argparse.Namespace) -> int:
     try:
         server.serve_forever()
     except zmq.ZMQError as exc:
-        print(f"error: cannot serve on {args.bind}: {exc}")
+        print(f"error: cannot serve on {args.bind}: {exc}", file=sys.stderr)
         return 2
     return 0
