@@ -56,3 +56,8 @@ class WeightedLosses:
         scale = scale or {}
         terms = [self.weights[n] * scale.get(n, 1.0) * v for n, v in losses.items()]
         return torch.stack(terms).sum()
+
+
+def loss_values(losses: dict) -> dict[str, float]:
+    """Plain floats for progress events and logs (one host sync per logged step)."""
+    return {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in losses.items()}

@@ -27,7 +27,7 @@ from backend.gaussians import (
     final_prune,
     make_optimizer,
 )
-from backend.losses import WeightedLosses, balanced_mse, mask_iou, psnr_in_mask
+from backend.losses import WeightedLosses, balanced_mse, loss_values, mask_iou, psnr_in_mask
 from backend.raster import rasterize
 
 ProgressFn = Callable[[dict], None]
@@ -216,7 +216,7 @@ def lift_object(
                     "phase": "lift",
                     "step": step + 1,
                     "total": cfg.iters,
-                    "losses": {k: float(v) for k, v in losses.items()} | {"gaussians": len(model)},
+                    "losses": loss_values(losses) | {"gaussians": len(model)},
                     "eta_s": eta,
                 }
             )
@@ -307,7 +307,7 @@ def place_frame0(
                     "phase": "placement",
                     "step": step + 1,
                     "total": cfg.placement_iters,
-                    "losses": {k: float(v) for k, v in losses.items()},
+                    "losses": loss_values(losses),
                     "eta_s": eta,
                 }
             )

@@ -23,7 +23,7 @@ from backend.crop import crop_track
 from backend.data import VideoInput
 from backend.errors import JobCancelled
 from backend.gaussians import GaussianModel, exponential_lr
-from backend.losses import WeightedLosses, balanced_mse, mask_iou, psnr_in_mask
+from backend.losses import WeightedLosses, balanced_mse, loss_values, mask_iou, psnr_in_mask
 from backend.motion.flow import compute_flows, flow_loss, gaussian_displacement_colors
 from backend.motion.frames import sample_frames
 from backend.motion.hexplane import DeformationField
@@ -67,7 +67,7 @@ class Progress:
                     "phase": self.phase,
                     "step": step + 1,
                     "total": self.total,
-                    "losses": {k: float(v) for k, v in losses.items()},
+                    "losses": loss_values(losses),
                     "eta_s": eta,
                 }
             )
