@@ -108,8 +108,9 @@ class Stage3Config:
     # The published sweep: 1000 steps of 0.00085 from 0.65.
     k_sweep_steps: int = 1000
     alpha_threshold: float = 0.75
-    # The published composition works on frames resized to at most 720 px.
-    sweep_long_side: int = 720
+    # Input-view work (depth sweep, metrics, track visibility) at most this size; the published
+    # composition works on frames resized to at most 720 px.
+    work_long_side: int = 720
     # Mask erosion (px) at a 512 px long side, scaled with the working size.
     mask_erosion: int = 7
     render_long_side: int = 512
@@ -118,8 +119,9 @@ class Stage3Config:
     fps: float = 10.0
     write_ply_sequence: bool = False
     track_grid: int = 48
-    # A tracked Gaussian is visible when its depth <= the rendered depth at its pixel + this.
-    track_visibility_tolerance: float = 0.1
+    # A tracked Gaussian is visible when its depth <= the rendered depth at its pixel + this; grid
+    # points are matched only to Gaussians within this of the rendered depth in frame 0.
+    track_depth_tolerance: float = 0.1
 
 
 @dataclass
