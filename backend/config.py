@@ -100,7 +100,8 @@ class Stage2Config:
 
 @dataclass
 class Stage3Config:
-    # "auto" (Depth-Anything small from the local cache, else keep the stage-1/2 depths), "none",
+    # "auto" (Depth-Anything small from the local cache, else the weight-free occlusion-order
+    # fallback), "none" (that fallback),
     # or a local folder / hub id of a transformers depth-estimation model.
     depth_model: str = "auto"
     k_sweep_min: float = 0.65

@@ -11,8 +11,11 @@ inverted to depth and marked invalid where the disparity is <= 0.01 (sky, far ba
 Metric models (`depth_estimation_type == "metric"`) predict depth directly.
 
 `PlacementFallback` is the weight-free fallback: it gives no estimate, and composition then keeps
-the stage-1/2 placement (every object at the depth its crop implies, k = 1).  Its name,
-"fallback:stage1-placement", is what the scene report shows, so a run without a depth model says so.
+the stage-1/2 placement (every object at the depth its crop implies, k = 1) except where the
+visible masks show one object occluding another in a way the placement contradicts; then the
+non-reference object moves the least distance along its rays that puts the occluder in front
+(`backend.stage3.fit_occlusion_order`).  Its name, "fallback:occlusion-order", is what the scene
+report shows, so a run without a depth model says so.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from backend.errors import InputError
 # The published code uses Depth-Anything small; "auto" looks for either release in the local cache.
 AUTO_CANDIDATES = ("LiheYoung/depth-anything-small-hf", "depth-anything/Depth-Anything-V2-Small-hf")
 MIN_DISPARITY = 0.01
-FALLBACK_NAME = "fallback:stage1-placement"
+FALLBACK_NAME = "fallback:occlusion-order"
 
 
 @dataclass
@@ -50,7 +53,7 @@ class DepthProvider:
 
 
 class PlacementFallback(DepthProvider):
-    """No depth model: no estimate, so every object keeps its stage-1/2 depth (k = 1)."""
+    """No depth model: no estimate; objects keep their stage-1/2 depths but for mask occlusions."""
 
     name = FALLBACK_NAME
 
@@ -158,8 +161,34 @@ def make_depth_provider(
                 return TransformersDepth(candidate, device, cache_dir)
         return PlacementFallback(
             f"no depth model in the local Hugging Face cache ({cache_dir or _hf_cache_dir()}; looked for "
-            f"{', '.join(AUTO_CANDIDATES)}); objects keep their stage-1/2 depths"
+            f"{', '.join(AUTO_CANDIDATES)}); objects keep their stage-1/2 depths unless the masks show "
+            "them occluding each other the other way round"
         )
     if Path(name).expanduser().exists():
         return TransformersDepth(str(Path(name).expanduser()), device)
     return TransformersDepth(name, device, cache_dir)
+
+
+def validate_depth_model(name: str, cache_dir: str | Path | None = None) -> None:
+    """Fail early (before any optimisation) when a named depth model cannot be found locally.
+
+    "auto" and "none" always pass (auto falls back); a folder needs its config.json; a hub id must be
+    in the local cache.  Nothing is loaded and nothing is fetched.
+    """
+    name = (name or "auto").strip()
+    if name in ("auto", "none"):
+        return
+    folder = Path(name).expanduser()
+    if folder.exists():
+        if not (folder / "config.json").is_file():
+            raise InputError(
+                f"depth model folder {folder} has no config.json; point stage3.depth_model at a saved "
+                "transformers depth-estimation model (config.json, weights, preprocessor_config.json)"
+            )
+        return
+    if not _in_local_cache(name, cache_dir):
+        raise InputError(
+            f"depth model '{name}' not found: it is not a local folder and not in the Hugging Face cache "
+            f"({cache_dir or _hf_cache_dir()}); download it once, pass a local folder with "
+            "stage3.depth_model=PATH, or use stage3.depth_model=auto|none"
+        )

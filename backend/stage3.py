@@ -54,7 +54,9 @@ BAKED_KEYS = ("means", "quats", "scales", "opacities", "colors")
 EROSION_AT_512 = 7
 TRACK_MATCH_MAX_PX = 4.0
 ELEVATION_ORBIT_LIMIT = 75.0
-MAX_DRAWN_TRACKS = 600
+# Drawn tracks keep at least this fraction of the frame's long side between their start points,
+# so small objects (with as many grid points as large ones) do not turn into a solid blob.
+DRAWN_TRACK_SPACING = 1.0 / 48
 
 
 # ---- Gaussians ------------------------------------------------------------------------------
@@ -167,6 +169,48 @@ def composite_depth(near_first: tuple, far_second: tuple, k: np.ndarray) -> np.n
 
 def sweep_candidates(cfg: Stage3Config) -> np.ndarray:
     return np.linspace(cfg.k_sweep_min, cfg.k_sweep_max, cfg.k_sweep_steps, endpoint=False)
+
+
+def fit_occlusion_order(
+    layers: list[DepthLayer],
+    masks: list[np.ndarray],
+    cfg: Stage3Config,
+    names: list[str],
+    min_pixels: int = 16,
+) -> tuple[list[float], list[str]]:
+    """The weight-free fallback: keep k = 1 unless the visible masks contradict the depth order.
+
+    Where two objects' renders overlap (both alpha > 0.5) in frame 0, the visible mask says which
+    one is in front.  For each non-reference object the sweep's candidates (and 1) are scored by the
+    fraction of those pixels whose rendered order (k z_i against z_ref) agrees; of the best, the k
+    closest to 1 wins: the smallest move along the rays that respects the occlusions.
+    Returns (k per object, notes).
+    """
+    count = len(layers)
+    ref = count - 1
+    ks = [1.0] * count
+    notes: list[str] = []
+    candidates = np.concatenate([[1.0], sweep_candidates(cfg)])
+    for i in range(count - 1):
+        both = (layers[i].alpha > 0.5) & (layers[ref].alpha > 0.5)
+        i_front = both & masks[i] & ~masks[ref]
+        ref_front = both & masks[ref] & ~masks[i]
+        total = int(i_front.sum() + ref_front.sum())
+        if total < min_pixels:
+            continue
+        k = candidates[:, None]
+        agree = (k * layers[i].depth[i_front][None] < layers[ref].depth[i_front][None]).sum(axis=1)
+        agree = agree + (k * layers[i].depth[ref_front][None] > layers[ref].depth[ref_front][None]).sum(
+            axis=1
+        )
+        score = agree / total
+        best = candidates[score >= score.max() - 1e-9]
+        ks[i] = float(best[np.argmin(np.abs(np.log(best)))])
+        notes.append(
+            f"object {names[i]}: occlusions in frame 0 ({total} overlap pixels) agree {score.max():.0%} "
+            f"with the depth order at k = {ks[i]:.3f} (at k = 1: {score[0]:.0%})"
+        )
+    return ks, notes
 
 
 def fit_depth_scales(
@@ -373,14 +417,20 @@ class Tracks:
 
 
 def draw_tracks(
-    frames: np.ndarray, tracks: Tracks, max_tracks: int = MAX_DRAWN_TRACKS, trail: int = 3
+    frames: np.ndarray, tracks: Tracks, spacing: float = DRAWN_TRACK_SPACING, trail: int = 3
 ) -> np.ndarray:
     """Tracks over the (dimmed) input frames: filled dot when visible, ring when occluded, short trail."""
     T, height, width, _ = frames.shape
     scale = min(1.0, 720.0 / max(width, height))
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
     count = tracks.points.shape[1]
-    chosen = np.unique(np.linspace(0, count - 1, min(count, max_tracks)).round().astype(int)) if count else []
+    chosen = []
+    if count:
+        # One track per (object, cell) of a grid with the given spacing over the start points.
+        cell = max(1e-6, spacing * max(width, height))
+        keys = np.stack([tracks.object, *np.floor(tracks.points[0] / cell).astype(np.int64).T], axis=1)
+        _, first = np.unique(keys, axis=0, return_index=True)
+        chosen = np.sort(first)
     # Colour by starting height then object, so neighbouring tracks differ and objects stand apart.
     hues = np.zeros(count)
     if count:
@@ -486,23 +536,25 @@ def compose_scene(
     else:
         provider = depth_provider or make_depth_provider(cfg.depth_model, device)
         provider_name, provider_note = provider.name, provider.note
-        if provider_note:
-            emit({"type": "log", "message": f"composition depth: {provider_name} ({provider_note})"})
+        suffix = f" ({provider_note})" if provider_note else ""
+        emit({"type": "log", "message": f"composition depth: {provider_name}{suffix}"})
         estimate_full = provider.estimate(video.frames[0])
-        if estimate_full is not None:
-            w, h = work_size
-            cam_small = cam_work
+        del provider  # the depth network is not needed again; free its memory before rendering
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        w, h = work_size
+        layers = []
+        for g in objects:
+            out = render({k: (v[0] if v.dim() == 3 else v) for k, v in g.items()}, [cam_work], device)
+            layers.append(DepthLayer(out.alpha[0, ..., 0].cpu().numpy(), out.depth[0, ..., 0].cpu().numpy()))
+        small_masks = [resize_mask(masks[i, 0], w, h) for i in range(len(objects))]
+        if estimate_full is None:
+            ks, notes = fit_occlusion_order(layers, small_masks, cfg, object_ids)
+        else:
             estimate = DepthEstimate(
                 cv2.resize(estimate_full.depth, (w, h), interpolation=cv2.INTER_NEAREST),
                 resize_mask(estimate_full.valid, w, h),
             )
-            layers = []
-            for g in objects:
-                out = render({k: (v[0] if v.dim() == 3 else v) for k, v in g.items()}, [cam_small], device)
-                layers.append(
-                    DepthLayer(out.alpha[0, ..., 0].cpu().numpy(), out.depth[0, ..., 0].cpu().numpy())
-                )
-            small_masks = [resize_mask(masks[i, 0], w, h) for i in range(len(objects))]
             ks, k_init, notes = fit_depth_scales(
                 layers,
                 small_masks,
@@ -614,6 +666,7 @@ def compose_scene(
 
     # ---- writing: videos, tracks, scene --------------------------------------------------------
     phase_start = time.perf_counter()
+    progress("write", 0, 1, phase_start)
     renders_dir = out_dir / "renders"
     fixed = np.concatenate([fixed_unique] * cfg.loops) if cfg.loops > 0 else fixed_unique
     written = {"fixed": render_video.write_clip(renders_dir / "fixed", fixed, cfg.fps)}

@@ -17,6 +17,7 @@ from backend.depth import (
     TransformersDepth,
     disparity_to_depth,
     make_depth_provider,
+    validate_depth_model,
 )
 from backend.errors import InputError
 
@@ -113,7 +114,7 @@ def test_auto_finds_a_cached_depth_anything(tmp_path):
 def test_auto_without_weights_falls_back_and_says_so(tmp_path):
     provider = make_depth_provider("auto", cache_dir=tmp_path / "empty-cache")
     assert isinstance(provider, PlacementFallback)
-    assert provider.name == FALLBACK_NAME == "fallback:stage1-placement"
+    assert provider.name == FALLBACK_NAME == "fallback:occlusion-order"
     assert all(candidate in provider.note for candidate in AUTO_CANDIDATES)
     assert provider.estimate(np.zeros((8, 8, 3), np.float32)) is None
     none = make_depth_provider("none")
@@ -125,3 +126,15 @@ def test_named_model_that_is_missing_is_an_input_error(tmp_path):
         InputError, match=r"depth model 'someone/no-such-depth-model' not found.*stage3.depth_model"
     ):
         make_depth_provider("someone/no-such-depth-model", cache_dir=tmp_path / "empty-cache")
+
+
+def test_validate_depth_model_fails_early_without_loading(tmp_path):
+    validate_depth_model("auto", cache_dir=tmp_path / "empty-cache")
+    validate_depth_model("none")
+    with pytest.raises(InputError, match="not in the Hugging Face cache"):
+        validate_depth_model("someone/no-such-depth-model", cache_dir=tmp_path / "empty-cache")
+    (tmp_path / "not-a-model").mkdir()
+    with pytest.raises(InputError, match="has no config.json"):
+        validate_depth_model(str(tmp_path / "not-a-model"))
+    (tmp_path / "not-a-model" / "config.json").write_text("{}")
+    validate_depth_model(str(tmp_path / "not-a-model"))

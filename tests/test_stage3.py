@@ -82,35 +82,30 @@ def at_frame(baked: dict[str, torch.Tensor], t: int) -> dict[str, torch.Tensor]:
     return {k: v[t] if k in ("means", "quats", "scales") else v for k, v in baked.items()}
 
 
-def render_all(parts: list[dict[str, torch.Tensor]], background=(1.0, 1.0, 1.0)):
+def render_all(parts: list[dict[str, torch.Tensor]]):
+    """One render of all parts on white; colour channels 3.. hold each part's composited weight."""
+    count = len(parts)
+    membership = torch.cat([torch.eye(count)[i].expand(len(p["means"]), count) for i, p in enumerate(parts)])
     g = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    colors = torch.cat([g["colors"], membership], dim=1)
+    background = torch.cat([torch.ones(3), torch.zeros(count)])
     viewmats, Ks = stack_cameras([CAMERA])
     return rasterize(
-        g["means"], g["quats"], g["scales"], g["opacities"], g["colors"], viewmats, Ks, W, H,
-        background=torch.tensor(background),
-    )  # fmt: skip
+        g["means"], g["quats"], g["scales"], g["opacities"], colors, viewmats, Ks, W, H, background=background
+    )
 
 
 def make_video(true_objects: list[dict[str, torch.Tensor]]) -> tuple[VideoInput, list[np.ndarray]]:
-    """Frames rendered from the true scene (on white, as stage 3 renders) and each object's visible mask.
-
-    Also returns the true composed depth per frame (for a depth provider that knows it)."""
+    """Frames rendered from the true scene (on white, as stage 3 renders), each object's visible mask
+    (where it holds most of the pixel's weight) and the true composed depth per frame (for a depth
+    provider that knows it)."""
     frames, masks, depths = [], [[] for _ in true_objects], []
     for t in range(T):
-        parts = [at_frame(o, t) for o in true_objects]
-        out = render_all(parts)
-        frames.append(out.color[0].numpy())
+        out = render_all([at_frame(o, t) for o in true_objects])
+        frames.append(out.color[0, ..., :3].numpy())
         depths.append(out.depth[0, ..., 0].numpy())
-        alone = [render_all([p]) for p in parts]
-        for i, a in enumerate(alone):
-            others = [alone[j] for j in range(len(parts)) if j != i]
-            visible = a.alpha[0, ..., 0].numpy() > 0.5
-            for o in others:
-                in_front = (o.alpha[0, ..., 0].numpy() > 0.5) & (
-                    o.depth[0, ..., 0].numpy() < a.depth[0, ..., 0].numpy()
-                )
-                visible &= ~in_front
-            masks[i].append(visible)
+        for i in range(len(true_objects)):
+            masks[i].append(out.color[0, ..., 3 + i].numpy() > 0.5)
     ids = [f"{i + 1:03d}" for i in range(len(true_objects))]
     names = [f"{n:05d}" for n in range(10, 10 + T)]
     video = VideoInput(
@@ -268,11 +263,29 @@ def translating_disc(tmp_path_factory):
     return {"report": report, "out": out_dir, "video": video, "step": step}
 
 
-def test_depth_fallback_is_named_and_keeps_the_placement(translating_disc):
+def test_depth_fallback_is_named_and_keeps_a_consistent_placement(translating_disc):
     report = translating_disc["report"]
-    assert report["depth_provider"] == "fallback:stage1-placement"
+    assert report["depth_provider"] == "fallback:occlusion-order"
     assert "none" in report["depth_note"]
+    # The blocker is already in front where the masks say it is: nothing moves.
     assert report["k"] == {"001": 1.0, "002": 1.0}
+
+
+def test_depth_fallback_puts_the_occluder_in_front(tmp_path):
+    """Disc 001 truly at depth 1.8 covers part of disc 002 (depth 2), but arrives at depth 2.3 (same
+    image, behind 002).  Without a depth model the masks still show 001 in front, so the fallback
+    brings it just in front: k slightly below 2.0 / 2.3."""
+    front = disc(500, 0.25, [-0.15, 0.0, 0.2], (0.9, 0.2, 0.2), seed=7)
+    back = disc(500, 0.3, [0.2, 0.0, 0.0], (0.2, 0.2, 0.9), seed=8)
+    baked_front, baked_back = animate(front, [0.0, 0.0, 0.0]), animate(back, [0.0, 0.0, 0.0])
+    video, _ = make_video([baked_front, baked_back])
+    wrong = scale_about_center(baked_front, torch.tensor(CENTER, dtype=torch.float32), 2.3 / 1.8)
+    motion = {"001": {"baked": wrong}, "002": {"baked": baked_back}}
+    report = compose_scene(video, motion, small_config(depth_model="none"), "cpu", tmp_path, lambda e: None)
+    k = report["k"]["001"]
+    assert 0.8 < k < 2.0 / 2.3, report["notes"]
+    assert report["iou"] > 0.95 and report["psnr"] > 30.0, report["per_frame"]
+    assert any("agree 100%" in note for note in report["notes"]), report["notes"]
 
 
 def test_tracks_follow_a_translating_disc(translating_disc):
