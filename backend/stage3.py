@@ -220,6 +220,7 @@ def fit_depth_scales(
     cfg: Stage3Config,
     erosion: int,
     on_object: Callable[[int], None] | None = None,
+    names: list[str] | None = None,
 ) -> tuple[list[float], list[float], list[str]]:
     """k per object (last = reference, k = 1): init from the median-depth ratio, refined by the sweep.
 
@@ -228,6 +229,7 @@ def fit_depth_scales(
     """
     count = len(layers)
     ref = count - 1
+    names = names or [str(i) for i in range(count)]
     ks = [1.0] * count
     k_init = [1.0] * count
     notes: list[str] = []
@@ -256,7 +258,7 @@ def fit_depth_scales(
         if on_object is not None:
             on_object(i)
         if est_stats[i] is None or ren_stats[i] is None:
-            notes.append(f"object {i}: no valid depth pixels inside its mask; keeps k = 1")
+            notes.append(f"object {names[i]}: no valid depth pixels inside its mask; keeps k = 1")
             continue
         k0 = (est_stats[i][0] / est_med_ref) * (ren_med_ref / ren_stats[i][0])
         k_init[i] = float(k0)
@@ -268,7 +270,7 @@ def fit_depth_scales(
             region = region & (covered > cfg.alpha_threshold)
         if not region.any():
             ks[i] = float(k0)
-            notes.append(f"object {i}: empty comparison region; k from the median ratio only")
+            notes.append(f"object {names[i]}: empty comparison region; k from the median ratio only")
             continue
         pix = (a_i[region], layers[i].depth[region]), (a_r[region], layers[ref].depth[region])
         target = est_norm_full[region]
@@ -375,7 +377,7 @@ def match_points(
     erosion: int,
     covered_alpha: float = 0.75,
     depth_tolerance: float = 0.1,
-    map_scale: float = 1.0,
+    map_scale: float | np.ndarray = 1.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Match grid points to visible Gaussians of one object in frame 0.
 
@@ -522,7 +524,7 @@ def compose_scene(
     # Input-view work (depth sweep, metrics, track visibility) at no more than work_long_side pixels.
     work_size = fit_long_side(W, H, cfg.work_long_side)
     cam_work = cam_full.resized(*work_size)
-    to_work = work_size[0] / W  # full-frame pixel coordinates -> work-size pixel coordinates
+    to_work = np.array([work_size[0] / W, work_size[1] / H])  # full-frame pixels -> work-size pixels (x, y)
 
     # ---- 1. depth placement ------------------------------------------------------------------
     phase_start = time.perf_counter()
@@ -562,6 +564,7 @@ def compose_scene(
                 cfg,
                 erosion_size(w, h, cfg.mask_erosion),
                 on_object=lambda i: progress("k_sweep", i, len(objects) - 1, phase_start),
+                names=object_ids,
             )
             depth_preview = estimate  # at the work size, like the composed depth it is shown beside
         for note in notes:
