@@ -333,7 +333,16 @@ def test_eval_scores_a_reconstruction_made_from_the_truth(tiny_scene, tmp_path):
     scene_dir = tmp_path / "recon"
     write_scene_from_truth(tiny_scene, scene_dir)
     args = _eval_args(
-        ["--scene", str(scene_dir), "--gt", str(tiny_scene / "gt"), "--out", str(tmp_path / "eval")]
+        [
+            "--scene",
+            str(scene_dir),
+            "--gt",
+            str(tiny_scene / "gt"),
+            "--out",
+            str(tmp_path / "eval"),
+            "--novel-frames",
+            "2",
+        ]
     )
     assert eval_main(args) == 0
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
@@ -408,3 +417,11 @@ def test_eval_without_ground_truth_or_data_is_an_input_error(tmp_path):
         EvalInputs.from_args(_eval_args(["--scene", str(tmp_path)]))
     with pytest.raises(InputError, match="no gt.json"):
         EvalInputs.from_args(_eval_args(["--scene", str(tmp_path), "--gt", str(tmp_path)]))
+
+
+def test_novel_frames_are_evenly_spaced_and_include_the_ends():
+    from backend.eval import select_novel_frames
+
+    assert select_novel_frames(16, 4) == [0, 5, 10, 15]
+    assert select_novel_frames(16, 0) == list(range(16))
+    assert select_novel_frames(3, 4) == [0, 1, 2]

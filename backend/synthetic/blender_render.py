@@ -20,7 +20,6 @@ from pathlib import Path
 
 import bpy
 import numpy as np
-from PIL import Image
 
 from backend.synthetic.spec import SyntheticObject, SyntheticScene
 from shared.coords import BACKEND_TO_BLENDER, blender_lens_from_K, viewmat_to_blender_matrix_world
@@ -42,6 +41,30 @@ def _blender_matrix(pose: np.ndarray):
     W = np.eye(4)
     W[:3, :3] = BACKEND_TO_BLENDER
     return _to_matrix(W @ pose @ W.T)
+
+
+def _read_exr(path: Path) -> np.ndarray:
+    """Float RGBA [H, W, 4] of an EXR file (top row first); the file is removed after reading."""
+    image = bpy.data.images.load(str(path), check_existing=False)
+    try:
+        width, height = image.size
+        pixels = np.empty(width * height * 4, dtype=np.float32)
+        image.pixels.foreach_get(pixels)
+    finally:
+        bpy.data.images.remove(image)
+    os.remove(path)
+    # Blender images are stored bottom row first.
+    return pixels.reshape(height, width, 4)[::-1]
+
+
+def encode_srgb_rgba(linear_premultiplied: np.ndarray) -> np.ndarray:
+    """Linear, premultiplied float RGBA -> 8-bit sRGB with straight alpha (what a PNG holds)."""
+    alpha = np.clip(linear_premultiplied[..., 3:4].astype(np.float64), 0.0, 1.0)
+    rgb = np.where(alpha > 0, linear_premultiplied[..., :3] / np.maximum(alpha, 1e-12), 0.0)
+    rgb = np.clip(rgb, 0.0, 1.0)
+    srgb = np.where(rgb <= 0.0031308, 12.92 * rgb, 1.055 * np.power(rgb, 1 / 2.4) - 0.055)
+    out = np.concatenate([srgb, alpha], axis=-1)
+    return np.clip(np.rint(out * 255.0), 0, 255).astype(np.uint8)
 
 
 class BlenderRenderer:
@@ -80,9 +103,13 @@ class BlenderRenderer:
         sc.render.dither_intensity = 0.0  # dithering adds noise to 8-bit output, and per-run noise at that
         sc.render.use_persistent_data = True
         sc.render.resolution_percentage = 100
-        sc.render.image_settings.file_format = "PNG"
+        # Linear float out, encoded to 8-bit sRGB here: Blender's own 8-bit path rounds a pixel
+        # differently now and then from one process to the next, which breaks byte-identical output.
+        sc.render.image_settings.media_type = "IMAGE"
+        sc.render.image_settings.file_format = "OPEN_EXR"
         sc.render.image_settings.color_mode = "RGBA"
-        sc.render.image_settings.color_depth = "8"
+        sc.render.image_settings.color_depth = "32"
+        sc.render.image_settings.exr_codec = "ZIP"
         sc.view_settings.view_transform = "Standard"
         sc.view_settings.look = "None"
         world = bpy.data.worlds.new("world")
@@ -94,6 +121,9 @@ class BlenderRenderer:
 
     def _material(self, obj: SyntheticObject) -> bpy.types.Material:
         mat = bpy.data.materials.new(f"mat_{obj.object_id}")
+        # The emission is a flat ambient term, not a light: sampling it as one would add noise to
+        # every surface it faces.
+        mat.cycles.emission_sampling = "NONE"
         tree = mat.node_tree if mat.node_tree is not None else None
         if tree is None:
             mat.use_nodes = True
@@ -168,7 +198,7 @@ class BlenderRenderer:
 
     def _add_sun(self) -> None:
         sun = bpy.data.lights.new("sun", "SUN")
-        sun.energy = 2.6
+        sun.energy = 1.6  # diffuse radiance 0.51 albedo cos(theta): shading without dark sides
         sun.angle = 0.0  # hard shadow: no penumbra to sample, so no noise
         sun_obj = bpy.data.objects.new("sun", sun)
         direction = BACKEND_TO_BLENDER @ np.asarray(self.spec.sun_direction, dtype=np.float64)
@@ -229,24 +259,13 @@ class BlenderRenderer:
         self.scene.cycles.samples = self.samples if samples is None else samples
         self.scene.render.use_compositing = with_passes
         self._passes_node.mute = not with_passes
-        beauty_path = self._tmp / "beauty.png"
+        beauty_path = self._tmp / "beauty.exr"
         self.scene.render.filepath = str(beauty_path)
         bpy.ops.render.render(write_still=True)
-        with Image.open(beauty_path) as image:
-            rgba = np.array(image.convert("RGBA"))
+        rgba = encode_srgb_rgba(_read_exr(beauty_path))
         if not with_passes:
             return rgba, None, None
-        exr = self._tmp / "passes_zi.exr"
-        image = bpy.data.images.load(str(exr), check_existing=False)
-        try:
-            width, height = image.size
-            pixels = np.empty(width * height * 4, dtype=np.float32)
-            image.pixels.foreach_get(pixels)
-        finally:
-            bpy.data.images.remove(image)
-        os.remove(exr)
-        # Blender images are stored bottom row first.
-        pixels = pixels.reshape(height, width, 4)[::-1]
+        pixels = _read_exr(self._tmp / "passes_zi.exr")
         depth = pixels[..., 0].astype(np.float64)
         depth[depth >= 1e9] = np.inf
         index = np.rint(pixels[..., 1]).astype(np.int32)

@@ -48,7 +48,7 @@ class SyntheticScene:
     objects: list[SyntheticObject] = field(default_factory=list)
     background: tuple[float, float, float] = (0.58, 0.63, 0.70)  # sRGB of the input frames' backdrop
     sun_direction: tuple[float, float, float] = (-0.45, 0.75, 0.5)  # towards the light, world
-    ambient: float = 0.35  # flat fraction of the albedo, so shadowed sides keep their texture
+    ambient: float = 0.55  # flat fraction of the albedo, so shadowed sides keep their texture
 
     @property
     def frame_names(self) -> list[str]:
