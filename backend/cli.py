@@ -21,6 +21,18 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     )
     src.add_argument("--inpainted", type=Path, help="per-object inpainted frames (sub-folder per object)")
     src.add_argument("--inpainted-masks", type=Path, help="per-object amodal masks (sub-folder per object)")
+    src.add_argument(
+        "--video-file",
+        type=Path,
+        help="a video file (MP4, MOV, WebM, ...) or a folder of numbered images, with --masks",
+    )
+    src.add_argument(
+        "--frame-range", metavar="A:B", help="with --video-file: frames A to B-1 (0-based; 'A:' = to the end)"
+    )
+    src.add_argument("--stride", type=int, default=1, help="with --video-file: keep every N-th frame")
+    src.add_argument(
+        "--max-side", type=int, default=None, help="with --video-file: scale frames so the longest side <= N"
+    )
     p.add_argument("--out", type=Path, required=True, help="output folder; rerunning on it resumes")
     p.add_argument("--preset", default="full", help="full | lite | cpu-demo | path/to/preset.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -31,8 +43,34 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def parse_frame_range(text: str | None) -> tuple[int, int | None]:
+    """'A:B' -> (A, B); 'A:' -> (A, None); None -> (0, None)."""
+    if not text:
+        return 0, None
+    start, sep, end = text.partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        return int(start or 0), (int(end) if end.strip() else None)
+    except ValueError:
+        raise InputError(f"--frame-range {text!r} must look like A:B or A: (0-based, B excluded)") from None
+
+
 def spec_from_args(args: argparse.Namespace) -> dict:
-    if args.data is not None or args.video is not None:
+    if getattr(args, "video_file", None) is not None:
+        if args.masks is None or args.data is not None or args.frames is not None:
+            raise InputError("--video-file goes with --masks DIR (and not with --data or --frames)")
+        start, end = parse_frame_range(args.frame_range)
+        source = {
+            "kind": "video",
+            "path": str(args.video_file),
+            "masks": str(args.masks),
+            "start": start,
+            "end": end,
+            "stride": args.stride,
+            "max_side": args.max_side,
+        }
+    elif args.data is not None or args.video is not None:
         if args.data is None or args.video is None:
             raise InputError("--data and --video go together (or use --frames and --masks)")
         source = {"kind": "reference", "root": str(args.data), "video": args.video}

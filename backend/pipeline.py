@@ -61,9 +61,10 @@ def resolve_device(name: str | None) -> torch.device:
     return torch.device(name)
 
 
-def load_input(spec_input: dict) -> VideoInput:
+def load_input(spec_input: dict, work_dir: Path | None = None) -> VideoInput:
+    """The validated input; a "video" input is decoded into `work_dir` (a temporary folder when None)."""
     if not isinstance(spec_input, dict):
-        raise InputError("job field 'input' must be a mapping with 'kind': 'reference' or 'folders'")
+        raise InputError("job field 'input' must be a mapping with 'kind': 'reference', 'folders' or 'video'")
     kind = spec_input.get("kind")
     if kind == "reference":
         for key in ("root", "video"):
@@ -78,14 +79,23 @@ def load_input(spec_input: dict) -> VideoInput:
             k: Path(spec_input[k]) if spec_input.get(k) else None for k in ("inpainted", "inpainted_masks")
         }
         return load_folders(Path(spec_input["frames"]), Path(spec_input["masks"]), **optional)
-    raise InputError(f"job field 'input.kind' is {kind!r}; use 'reference' (root + video) or 'folders'")
+    if kind == "video":
+        from backend.video_input import load_video_input
+
+        return load_video_input(spec_input, work_dir)
+    raise InputError(
+        f"job field 'input.kind' is {kind!r}; use 'reference' (root + video), 'folders' or 'video' (path + masks)"
+    )
 
 
 KNOWN_SPEC_KEYS = {"input", "preset", "overrides", "stages", "device", "guidance", "name"}
 
 
-def prepare(spec: dict) -> PreparedJob:
-    """Everything that can fail on bad input, before any optimisation."""
+def prepare(spec: dict, out_dir: Path | None = None) -> PreparedJob:
+    """Everything that can fail on bad input, before any optimisation.
+
+    A video input's decoded frames go to out_dir/input (reference layout) when out_dir is given.
+    """
     if not isinstance(spec, dict):
         raise InputError("a job spec must be a mapping")
     unknown = sorted(set(spec) - KNOWN_SPEC_KEYS)
@@ -103,7 +113,7 @@ def prepare(spec: dict) -> PreparedJob:
         config.guidance.model = str(spec["guidance"])
     stages = _as_list(spec.get("stages"))
     device = resolve_device(spec.get("device"))
-    video = load_input(spec.get("input"))
+    video = load_input(spec.get("input"), None if out_dir is None else Path(out_dir) / "input")
     if "motion" in stages and video.num_frames < 2:
         raise InputError(f"video '{video.name}' has 1 frame; motion needs at least 2 (use --stages static)")
     return PreparedJob(config, video, stages, device, config.guidance.model)
@@ -156,8 +166,12 @@ def run_job(
     out_dir: Path,
     on_event: EventFn | None = None,
     should_stop: Callable[[], bool] | None = None,
+    executor: Any = None,
 ) -> dict:
-    """Run (or resume) a job into `out_dir`; returns the report (also in out_dir/report.json)."""
+    """Run (or resume) a job into `out_dir`; returns the report (also in out_dir/report.json).
+
+    `executor` (e.g. backend.distributed.RayExecutor) runs the stages elsewhere; None runs them here.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -181,7 +195,7 @@ def run_job(
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     try:
-        job = prepare(spec)
+        job = prepare(spec, out_dir)
     except InputError as exc:
         report.update(status="failed", error=str(exc))
         write_report(out_dir, report)
@@ -194,7 +208,10 @@ def run_job(
     write_report(out_dir, report)
     t0 = time.perf_counter()
     try:
-        _run_stages(job, out_dir, report, emit, should_stop)
+        if executor is None:
+            _run_stages(job, out_dir, report, emit, should_stop)
+        else:
+            executor.run_stages(job, out_dir, report, emit, should_stop, spec=spec)
     except JobCancelled as exc:
         report.update(status="cancelled", error=str(exc))
         write_report(out_dir, report)
@@ -214,7 +231,17 @@ def run_job(
     return report
 
 
-def _run_stages(job: PreparedJob, out_dir: Path, report: dict, emit: EventFn, should_stop) -> None:
+def _run_stages(
+    job: PreparedJob,
+    out_dir: Path,
+    report: dict,
+    emit: EventFn,
+    should_stop,
+    objects: list[int] | None = None,
+    save_report: Callable[[Path, dict], None] = write_report,
+) -> None:
+    """The asked-for stages; `objects` (indices) limits stages 1-2 to those objects (a distributed
+    worker runs one object), `save_report` replaces writing report.json (a worker must not)."""
     from backend import stage1
 
     video = job.video
@@ -230,6 +257,8 @@ def _run_stages(job: PreparedJob, out_dir: Path, report: dict, emit: EventFn, sh
 
     static: dict[str, dict] = {}
     for k, object_id in enumerate(video.object_ids):
+        if objects is not None and k not in objects:
+            continue
         path = checkpoint_path(out_dir, object_id, "static")
         obj_report = report["objects"].setdefault(object_id, {})
         if path.is_file():
@@ -244,6 +273,7 @@ def _run_stages(job: PreparedJob, out_dir: Path, report: dict, emit: EventFn, sh
                 f"object {object_id} has no stage-1 checkpoint in {out_dir}; include 'static' in --stages"
             )
         image, mask = video.object_frames(k)[0], video.object_masks(k)[0]
+        reset_peak_memory(job.device)
         result = stage1.lift_object(
             image, mask, job.config, job.device, get_guidance(), emit, should_stop, object_id=object_id
         )
@@ -260,8 +290,9 @@ def _run_stages(job: PreparedJob, out_dir: Path, report: dict, emit: EventFn, sh
             result.model, out_dir / "previews" / f"{object_id}_static.png", job.device
         )
         static[object_id] = ckpt
+        result.metrics.update(peak_memory(job.device))
         obj_report["static"] = result.metrics
-        write_report(out_dir, report)
+        save_report(out_dir, report)
         emit(
             {
                 "type": "stage_done",
@@ -277,6 +308,8 @@ def _run_stages(job: PreparedJob, out_dir: Path, report: dict, emit: EventFn, sh
 
     motion: dict[str, dict] = {}
     for k, object_id in enumerate(video.object_ids):
+        if objects is not None and k not in objects:
+            continue
         path = checkpoint_path(out_dir, object_id, "motion")
         obj_report = report["objects"].setdefault(object_id, {})
         if path.is_file():
@@ -290,13 +323,15 @@ def _run_stages(job: PreparedJob, out_dir: Path, report: dict, emit: EventFn, sh
             raise InputError(
                 f"object {object_id} has no stage-2 checkpoint in {out_dir}; include 'motion' in --stages"
             )
+        reset_peak_memory(job.device)
         result = stage2.animate_object(
             video, k, static[object_id], job.config, job.device, get_guidance(), emit, should_stop
         )
         atomic_torch_save(result, path)
         motion[object_id] = result
+        result["metrics"].update(peak_memory(job.device))
         obj_report["motion"] = result["metrics"]
-        write_report(out_dir, report)
+        save_report(out_dir, report)
         emit(
             {
                 "type": "stage_done",
@@ -309,7 +344,7 @@ def _run_stages(job: PreparedJob, out_dir: Path, report: dict, emit: EventFn, sh
     if "compose" in job.stages:
         scene_report = stage3.compose_scene(video, motion, job.config, job.device, out_dir, emit, should_stop)
         report["scene"] = scene_report
-        write_report(out_dir, report)
+        save_report(out_dir, report)
         emit(
             {
                 "type": "stage_done",
@@ -319,6 +354,18 @@ def _run_stages(job: PreparedJob, out_dir: Path, report: dict, emit: EventFn, sh
                 "seconds": scene_report.get("seconds", 0.0),
             }
         )
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> dict:
+    """Peak GPU memory of the stage just run (CUDA only), for the report and benchmarks."""
+    if device.type != "cuda":
+        return {}
+    return {"peak_gb": torch.cuda.max_memory_allocated(device) / 2**30}
 
 
 def write_turntable_preview(model, path: Path, device, views: int = 8, size: int = 128) -> Path:

@@ -322,10 +322,25 @@ def validate_spec(msg: Message, spec: Any, uploaded: bool) -> dict:
         for key in ("inpainted", "inpainted_masks"):
             if inp.get(key) is not None:
                 _string(msg, inp[key], f"spec.input.{key}")
+    elif kind == "video":
+        _check_keys(
+            msg,
+            inp,
+            "spec.input",
+            required=("kind", "path", "masks"),
+            optional=("start", "end", "stride", "max_side", "name"),
+        )
+        for key in ("path", "masks"):
+            _string(msg, inp[key], f"spec.input.{key}")
+        if "name" in inp and not (isinstance(inp["name"], str) and _NAME_RE.match(inp["name"])):
+            raise _fail(msg, "spec.input.name must be a folder name (letters, digits, '.', '_', '-')")
+        for key, lo in (("start", 0), ("end", 1), ("stride", 1), ("max_side", 8)):
+            if inp.get(key) is not None or (key in ("start", "stride") and key in inp):
+                _int(msg, inp[key], f"spec.input.{key}", lo, 10**7)
     elif kind == "upload":
         raise _fail(msg, "spec.input.kind 'upload' needs the files as binary frames listed in 'uploads'")
     else:
-        raise _fail(msg, f"spec.input.kind must be 'reference', 'folders' or 'upload', not {kind!r}")
+        raise _fail(msg, f"spec.input.kind must be 'reference', 'folders', 'video' or 'upload', not {kind!r}")
     if "preset" in spec and not (isinstance(spec["preset"], str) and _PRESET_RE.match(spec["preset"])):
         raise _fail(msg, "spec.preset must be a preset name such as 'full', 'lite' or 'cpu-demo'")
     overrides = spec.get("overrides", {})
