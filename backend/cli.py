@@ -41,6 +41,12 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--guidance", default=None, help="none | local Zero123 folder | hub id (default: the preset's)"
     )
+    p.add_argument(
+        "--ray",
+        default=None,
+        metavar="auto|ADDRESS",
+        help="run per-object stages as Ray tasks, one GPU each (auto: this machine's cluster or a new one)",
+    )
 
 
 def parse_frame_range(text: str | None) -> tuple[int, int | None]:
@@ -128,7 +134,12 @@ def run_main(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         spec = spec_from_args(args)
-        report = run_job(spec, args.out, on_event=TerminalProgress())
+        executor = None
+        if getattr(args, "ray", None):
+            from backend.distributed import RayExecutor
+
+            executor = RayExecutor(args.ray)
+        report = run_job(spec, args.out, on_event=TerminalProgress(), executor=executor)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

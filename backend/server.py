@@ -154,6 +154,7 @@ class BackendServer:
         auto_resume: bool = True,
         input_roots: list[Path] | None = None,
         model_dirs: list[Path] | None = None,
+        ray_address: str | None = None,
     ):
         self.bind = bind
         self.events_bind = events_endpoint_for(bind, events_port)
@@ -173,8 +174,20 @@ class BackendServer:
         except BlockingIOError:
             raise RuntimeError(f"another server is already using the state folder {self.state_dir}") from None
         self.store = JobStore(self.state_dir / "jobs")
-        slots = self._device_slots(workers)
-        self.jobs = JobManager(self.store, self._run_job, self._publish, slots, auto_resume=auto_resume)
+        run_job, self.ray_executor = self._run_job, None
+        if ray_address:
+            # Jobs run as Ray tasks that pick their own GPUs; the worker threads here only drive them.
+            from functools import partial
+
+            from backend.distributed import RayExecutor
+
+            self.ray_executor = RayExecutor(ray_address)
+            run_job = partial(self._run_job, executor=self.ray_executor)
+            gpus = int(self.ray_executor.ray.cluster_resources().get("GPU", 0))
+            slots = [None] * (workers if workers is not None else max(2, gpus))
+        else:
+            slots = self._device_slots(workers)
+        self.jobs = JobManager(self.store, run_job, self._publish, slots, auto_resume=auto_resume)
         self.events_port: int | None = None
 
     @staticmethod
@@ -494,6 +507,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--models-dir", type=Path, action="append", default=[], help="folder of local guidance models"
     )
+    p.add_argument(
+        "--ray",
+        default=None,
+        metavar="auto|ADDRESS",
+        help="run jobs on a Ray cluster, per-object stages one GPU each (--workers: jobs driven at once)",
+    )
     p.add_argument("--log-level", default="INFO")
 
 
@@ -510,8 +529,9 @@ def serve_main(args: argparse.Namespace) -> int:
             auto_resume=not args.no_auto_resume,
             input_roots=args.input_root,
             model_dirs=args.models_dir,
+            ray_address=args.ray,
         )
-    except RuntimeError as exc:
+    except (RuntimeError, InputError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for sig in (signal.SIGINT, signal.SIGTERM):
