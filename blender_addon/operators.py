@@ -139,6 +139,10 @@ def apply_message(settings, message) -> None:
             scene = current_scene()
             collection = importer.import_scene(bpy.context, folder)
             scene.dreamscene4d.scene_job_id = message.token["job"]
+            if settings.input_kind == "CLIP":
+                from . import movie_masks
+
+                movie_masks.finish_import(scene, settings, importer.load_scene(folder))
             settings.job_message = f"imported {collection.name}"
         elif message.request == "render_path" and message.token:
             token = message.token
@@ -209,6 +213,10 @@ class DREAMSCENE4D_OT_disconnect(bpy.types.Operator):
 
 def submit_request(settings) -> tuple[dict, dict | None]:
     """(spec, uploads or None) for the current settings; uploads read the images when asked to."""
+    if settings.input_kind == "CLIP":
+        from . import movie_masks
+
+        return movie_masks.submit_request(settings.id_data, settings)
     spec = build_spec(settings)
     if not settings.upload_inputs:
         return spec, None
@@ -236,6 +244,30 @@ class DREAMSCENE4D_OT_submit(bpy.types.Operator):
             return {"CANCELLED"}
         link.call("submit", spec=spec, uploads=uploads)
         settings.job_state, settings.job_message = "submitting", ""
+        return {"FINISHED"}
+
+
+class DREAMSCENE4D_OT_clip_mask_add(bpy.types.Operator):
+    bl_idname = "dreamscene4d.clip_mask_add"
+    bl_label = "Add Mask"
+    bl_description = "Add an object slot for a Mask data-block (the mask's name names the object)"
+
+    def execute(self, context):
+        settings = context.scene.dreamscene4d
+        settings.clip_masks.add()
+        settings.clip_masks_index = len(settings.clip_masks) - 1
+        return {"FINISHED"}
+
+
+class DREAMSCENE4D_OT_clip_mask_remove(bpy.types.Operator):
+    bl_idname = "dreamscene4d.clip_mask_remove"
+    bl_label = "Remove Mask"
+
+    def execute(self, context):
+        settings = context.scene.dreamscene4d
+        if 0 <= settings.clip_masks_index < len(settings.clip_masks):
+            settings.clip_masks.remove(settings.clip_masks_index)
+            settings.clip_masks_index = max(0, settings.clip_masks_index - 1)
         return {"FINISHED"}
 
 
@@ -459,6 +491,8 @@ classes = (
     DREAMSCENE4D_OT_connect,
     DREAMSCENE4D_OT_disconnect,
     DREAMSCENE4D_OT_submit,
+    DREAMSCENE4D_OT_clip_mask_add,
+    DREAMSCENE4D_OT_clip_mask_remove,
     DREAMSCENE4D_OT_cancel,
     DREAMSCENE4D_OT_watch,
     DREAMSCENE4D_OT_import_job,

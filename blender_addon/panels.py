@@ -29,6 +29,11 @@ class DREAMSCENE4D_UL_objects(bpy.types.UIList):
         row.label(text=f"{item.name} {item.label}" if item.label != item.name else item.name)
 
 
+class DREAMSCENE4D_UL_clip_masks(bpy.types.UIList):
+    def draw_item(self, context, layout, data, item, icon, active_data, active_propname, index=0):
+        layout.prop(item, "mask", text="", icon="MOD_MASK")
+
+
 class DREAMSCENE4D_PT_backend(DS4DPanel, bpy.types.Panel):
     bl_label = "Backend"
 
@@ -61,6 +66,24 @@ class DREAMSCENE4D_PT_input(DS4DPanel, bpy.types.Panel):
         if settings.input_kind == "REFERENCE":
             layout.prop(settings, "data_root")
             layout.prop(settings, "video")
+            layout.prop(settings, "upload_inputs")
+        elif settings.input_kind == "CLIP":
+            layout.template_ID(settings, "movie_clip", open="clip.open")
+            if settings.movie_clip is None:
+                layout.prop(settings, "video_file")
+            row = layout.row()
+            row.template_list(
+                "DREAMSCENE4D_UL_clip_masks", "", settings, "clip_masks", settings, "clip_masks_index", rows=2
+            )
+            column = row.column(align=True)
+            column.operator("dreamscene4d.clip_mask_add", text="", icon="ADD")
+            column.operator("dreamscene4d.clip_mask_remove", text="", icon="REMOVE")
+            row = layout.row(align=True)
+            row.prop(settings, "clip_frame_start")
+            row.prop(settings, "clip_frame_end")
+            row = layout.row(align=True)
+            row.prop(settings, "clip_stride")
+            row.prop(settings, "clip_max_side")
             layout.prop(settings, "upload_inputs")
         else:
             layout.prop(settings, "frames_dir")
@@ -172,6 +195,7 @@ class DREAMSCENE4D_PT_cameras(DS4DPanel, bpy.types.Panel):
 
 classes = (
     DREAMSCENE4D_UL_jobs,
+    DREAMSCENE4D_UL_clip_masks,
     DREAMSCENE4D_UL_objects,
     DREAMSCENE4D_PT_backend,
     DREAMSCENE4D_PT_input,

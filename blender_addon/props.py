@@ -81,6 +81,12 @@ class DS4D_ProgressItem(bpy.types.PropertyGroup):
     losses: StringProperty()
 
 
+class DS4D_MaskItem(bpy.types.PropertyGroup):
+    """One object of a Movie Clip input: the Mask data-block drawn over it (its name names the object)."""
+
+    mask: PointerProperty(name="Mask", type=bpy.types.Mask)
+
+
 PRESETS = [
     ("full", "Full", "The published settings (GPU)"),
     ("lite", "Lite", "Fewer iterations; a quick look on a GPU"),
@@ -95,7 +101,29 @@ class DS4D_Settings(bpy.types.PropertyGroup):
         items=[
             ("REFERENCE", "Reference Layout", "A root with JPEGImages/<video> and Annotations/<video>"),
             ("FOLDERS", "Folders", "A folder of frames and a folder of per-object masks"),
+            ("CLIP", "Movie Clip", "A Movie Clip (or video file) and one Mask data-block per object"),
         ],
+    )
+    movie_clip: PointerProperty(name="Movie Clip", type=bpy.types.MovieClip)
+    video_file: StringProperty(
+        name="Video File",
+        description="Loaded as a Movie Clip when no Movie Clip is chosen",
+        subtype="FILE_PATH",
+    )
+    clip_masks: CollectionProperty(type=DS4D_MaskItem)
+    clip_masks_index: IntProperty()
+    clip_frame_start: IntProperty(
+        name="First Frame", description="First video frame used (0 = the clip's first frame)", min=0
+    )
+    clip_frame_end: IntProperty(
+        name="End Frame", description="Video frame after the last one used (0 = to the clip's end)", min=0
+    )
+    clip_stride: IntProperty(name="Stride", description="Use every N-th frame", default=1, min=1)
+    clip_max_side: IntProperty(
+        name="Max Side",
+        description="Scale frames so the longest side is at most this (0 = keep the clip's size)",
+        default=0,
+        min=0,
     )
     data_root: StringProperty(name="Data Root", subtype="DIR_PATH")
     video: StringProperty(name="Video", description="Video name under the data root")
@@ -176,7 +204,7 @@ class DS4D_Settings(bpy.types.PropertyGroup):
     output_dir: StringProperty(name="Output", subtype="DIR_PATH", default="//dreamscene4d_renders/")
 
 
-classes = (DS4D_ObjectItem, DS4D_JobItem, DS4D_ProgressItem, DS4D_Settings)
+classes = (DS4D_ObjectItem, DS4D_JobItem, DS4D_ProgressItem, DS4D_MaskItem, DS4D_Settings)
 
 
 def register_properties() -> None:
