@@ -288,16 +288,7 @@ class RayExecutor:
                 (scene,) = self._wait({ref: "compose"}, sink, emit, should_stop, stop_marker, None)
                 report["scene"] = scene["scene"]
                 devices.add(scene["device"])
-                write_report(out_dir, report)
-                emit(
-                    {
-                        "type": "stage_done",
-                        "object": None,
-                        "stage": "compose",
-                        "previews": scene["scene"].get("previews", []),
-                        "seconds": scene["scene"].get("seconds", 0.0),
-                    }
-                )
+                write_report(out_dir, report)  # the task itself sent the compose stage_done event
         finally:
             stop_marker.unlink(missing_ok=True)
             ray.kill(sink)
