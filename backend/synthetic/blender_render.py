@@ -43,6 +43,10 @@ def _blender_matrix(pose: np.ndarray):
     return _to_matrix(W @ pose @ W.T)
 
 
+ANTIALIAS_FILTER_WIDTH = 1.5  # Blackman-Harris, Blender's default
+PIXEL_CENTRE_FILTER_WIDTH = 0.01  # the smallest Blender allows: every sample through the pixel centre
+
+
 def _read_exr(path: Path) -> np.ndarray:
     """Float RGBA [H, W, 4] of an EXR file (top row first); the file is removed after reading."""
     image = bpy.data.images.load(str(path), check_existing=False)
@@ -93,6 +97,7 @@ class BlenderRenderer:
         sc.cycles.device = "CPU"
         sc.cycles.samples = samples
         sc.cycles.use_adaptive_sampling = False
+        sc.cycles.pixel_filter_type = "BLACKMAN_HARRIS"
         sc.cycles.use_denoising = False
         sc.cycles.seed = 0
         sc.cycles.use_animated_seed = False
@@ -248,28 +253,35 @@ class BlenderRenderer:
         self.scene.render.resolution_x, self.scene.render.resolution_y = width, height
         self.camera.matrix_world = _to_matrix(viewmat_to_blender_matrix_world(viewmat))
 
-    def render_rgba(
-        self, with_passes: bool = False, samples: int | None = None
-    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-        """Render the current setup -> (RGBA uint8 [H,W,4], depth [H,W] or None, object index [H,W] or None).
-
-        Depth is the camera-axis distance (inf where nothing was hit); the index is the object's
-        1-based position in the scene's object list (0 = nothing), both from one sample per pixel.
-        """
-        self.scene.cycles.samples = self.samples if samples is None else samples
+    def _render(self, samples: int, with_passes: bool, filter_width: float) -> np.ndarray:
+        self.scene.cycles.samples = samples
+        self.scene.cycles.filter_width = filter_width
         self.scene.render.use_compositing = with_passes
         self._passes_node.mute = not with_passes
         beauty_path = self._tmp / "beauty.exr"
         self.scene.render.filepath = str(beauty_path)
         bpy.ops.render.render(write_still=True)
-        rgba = encode_srgb_rgba(_read_exr(beauty_path))
-        if not with_passes:
-            return rgba, None, None
+        return _read_exr(beauty_path)
+
+    def render_rgba(self, samples: int | None = None) -> np.ndarray:
+        """Render the current setup -> RGBA uint8 [H, W, 4] (sRGB, straight alpha), anti-aliased."""
+        linear = self._render(self.samples if samples is None else samples, False, ANTIALIAS_FILTER_WIDTH)
+        return encode_srgb_rgba(linear)
+
+    def render_passes(self) -> tuple[np.ndarray, np.ndarray]:
+        """Depth [H, W] (camera-axis distance, inf where nothing was hit) and object index [H, W].
+
+        The index is the object's 1-based position in the scene's object list (0 = nothing).  One
+        sample through each pixel's centre (a box filter of ~zero width): the masks are then what
+        a rasteriser gives, and a pixel's depth belongs to the ray through its centre, which is
+        where the point tracks unproject their queries.
+        """
+        self._render(1, True, PIXEL_CENTRE_FILTER_WIDTH)
         pixels = _read_exr(self._tmp / "passes_zi.exr")
         depth = pixels[..., 0].astype(np.float64)
         depth[depth >= 1e9] = np.inf
         index = np.rint(pixels[..., 1]).astype(np.int32)
-        return rgba, depth, index
+        return depth, index
 
     def close(self) -> None:
         for path in self._tmp.glob("*"):

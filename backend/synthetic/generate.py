@@ -3,6 +3,7 @@
     OUT/manifest.json                         what was generated (seed, frames, size, version): the cache key
     OUT/JPEGImages/synthetic/NNNNN.png        input frames (RGB, objects over a flat backdrop)
     OUT/Annotations/synthetic/<obj>/NNNNN.png modal masks (L, 0/255) from Cycles' object-index pass
+                                              (one sample through each pixel centre)
     OUT/gt/gt.json                            poses, cameras, views, world relation, file index
     OUT/gt/amodal/<obj>/NNNNN.png             amodal masks at the input view (object rendered alone)
     OUT/gt/views/scene/<view>/NNNNN.png       all objects from the 4 evaluation views (RGBA)
@@ -183,7 +184,8 @@ def generate_scene(
         renderer.set_camera(cam.viewmat, cam.K, width, height)
         for t, name in enumerate(scene.frame_names):
             renderer.set_frame(t)
-            rgba, depth, index = renderer.render_rgba(with_passes=True)
+            rgba = renderer.render_rgba()
+            depth, index = renderer.render_passes()
             _save_png(frames_dir / f"{name}.png", _composite(rgba, scene.background))
             for k, obj in enumerate(scene.objects, start=1):
                 _save_png(masks_dir / obj.object_id / f"{name}.png", ((index == k) * 255).astype(np.uint8))
@@ -197,7 +199,7 @@ def generate_scene(
             for t, name in enumerate(scene.frame_names):
                 renderer.set_frame(t, visible=[obj.object_id])
                 # Only coverage is kept: one sample per pixel is enough for a mask.
-                rgba, _, _ = renderer.render_rgba(samples=1)
+                rgba = renderer.render_rgba(samples=1)
                 _save_png(
                     gt_dir / "amodal" / obj.object_id / f"{name}.png",
                     ((rgba[..., 3] >= 128) * 255).astype(np.uint8),
@@ -212,7 +214,7 @@ def generate_scene(
             renderer.set_camera(viewmat, cam.K, width, height)
             for t, name in enumerate(scene.frame_names):
                 renderer.set_frame(t)
-                rgba, _, _ = renderer.render_rgba()
+                rgba = renderer.render_rgba()
                 _save_png(gt_dir / "views" / "scene" / view_name / f"{name}.png", rgba)
         timings["scene_views"] = time.perf_counter() - tick
 
@@ -226,7 +228,7 @@ def generate_scene(
                 for t, name in enumerate(scene.frame_names):
                     renderer.set_camera(viewmats[t], K_obj, w_obj, h_obj)
                     renderer.set_frame(t, visible=[obj.object_id])
-                    rgba, _, _ = renderer.render_rgba()
+                    rgba = renderer.render_rgba()
                     _save_png(gt_dir / "views" / obj.object_id / view_name / f"{name}.png", rgba)
         timings["object_views"] = time.perf_counter() - tick
     finally:
