@@ -577,7 +577,8 @@ def compose_scene(
     rw, rh = fit_long_side(W, H, cfg.render_long_side)
     cam_render = cam_full.resized(rw, rh)
     orbit_center, orbit_radius = orbit_center_of(objects, cam_full)
-    n_fixed = T * cfg.loops
+    loops = max(1, cfg.loops)
+    n_fixed = T * loops
     n_orbit = cfg.orbit_frames if cfg.orbit_frames > 0 else n_fixed
     paths = {
         "orbit_horizontal": [
@@ -657,12 +658,12 @@ def compose_scene(
         cams = ([] if fixed_from_work else [cam_render]) + [
             paths[name][i] for name in paths for i in frames_here
         ]
-        views = render_video.to_uint8(render(g, cams, device).color.cpu().numpy())
+        views = render_video.to_uint8(render(g, cams, device).color.cpu().numpy()) if cams else []
         if fixed_from_work:
             fixed_unique[t] = render_video.to_uint8(out.color[0].cpu().numpy())
         else:
             fixed_unique[t], views = views[0], views[1:]
-        for j, name in enumerate(paths):
+        for j, name in enumerate(paths if frames_here else []):
             clips[name][frames_here] = views[j * len(frames_here) : (j + 1) * len(frames_here)]
     progress("render", T, T, phase_start)
     timings["render"] = time.perf_counter() - phase_start
@@ -671,7 +672,7 @@ def compose_scene(
     phase_start = time.perf_counter()
     progress("write", 0, 1, phase_start)
     renders_dir = out_dir / "renders"
-    fixed = np.concatenate([fixed_unique] * cfg.loops) if cfg.loops > 0 else fixed_unique
+    fixed = np.concatenate([fixed_unique] * loops)
     written = {"fixed": render_video.write_clip(renders_dir / "fixed", fixed, cfg.fps)}
     for name, frames in clips.items():
         written[name] = render_video.write_clip(renders_dir / name, frames, cfg.fps)
