@@ -46,7 +46,7 @@ from PIL import Image
 from backend.errors import InputError
 
 VIDEO_SUFFIXES = frozenset({".mp4", ".mov", ".m4v", ".webm", ".mkv", ".avi", ".mpg", ".mpeg", ".ogv", ".gif"})
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".exr"})
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
 SPEC_KEYS = ("kind", "path", "masks", "start", "end", "stride", "max_side", "name")
 _DIGITS = re.compile(r"(\d+)")
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
@@ -202,6 +202,7 @@ def _decode_video_file(path: Path, selection: FrameSelection) -> DecodedVideo:
         # and count what really decodes; frames outside the selection are only grabbed, not converted.
         wanted_end = selection.end
         kept: dict[int, np.ndarray] = {}
+        source_size = size = None
         index = 0
         while wanted_end is None or index < wanted_end:
             if not capture.grab():
@@ -212,7 +213,11 @@ def _decode_video_file(path: Path, selection: FrameSelection) -> DecodedVideo:
                     raise InputError(
                         f"video {path}: frame {index} does not decode (damaged file?); re-encode it"
                     )
-                kept[index] = bgr
+                if source_size is None:
+                    source_size = (bgr.shape[1], bgr.shape[0])
+                    size = output_size(*source_size, selection.max_side)
+                # Scaled as they arrive: only the output-size frames are ever held.
+                kept[index] = _resize(np.ascontiguousarray(bgr[..., ::-1]), size)
             index += 1
         total = index
         if wanted_end is not None and total == wanted_end:
@@ -226,11 +231,7 @@ def _decode_video_file(path: Path, selection: FrameSelection) -> DecodedVideo:
             f"cannot read any frame from video {path}: not a video file, or damaged; convert it to MP4 (H.264)"
         )
     indices = _check_range(selection, total, f"video {path}")
-    first = kept[indices[0]]
-    source_size = (first.shape[1], first.shape[0])
-    size = output_size(*source_size, selection.max_side)
-    frames = [_resize(np.ascontiguousarray(kept[i][..., ::-1]), size) for i in indices]
-    return DecodedVideo(indices, frames, total, source_size, size, fps)
+    return DecodedVideo(indices, [kept[i] for i in indices], total, source_size, size, fps)
 
 
 # ----------------------------------------------------------------------------------------------

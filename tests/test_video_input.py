@@ -25,7 +25,14 @@ MAX_MEAN_ABS_ERROR = 4.0 / 255.0
 MIN_PSNR_DB = 27.0
 
 
-def encode_mp4(path: Path, frames: np.ndarray, fps: float = 10.0) -> Path:
+def encode_mp4(
+    path: Path,
+    frames: np.ndarray,
+    fps: float = 10.0,
+    codec: str = "libx264",
+    pix_fmt: str = "yuv420p",
+    quality: tuple = ("-crf", "10"),
+) -> Path:
     import imageio_ffmpeg
 
     height, width = frames.shape[1:3]
@@ -33,9 +40,9 @@ def encode_mp4(path: Path, frames: np.ndarray, fps: float = 10.0) -> Path:
         str(path),
         (width, height),
         fps=fps,
-        codec="libx264",
-        pix_fmt_out="yuv420p",
-        output_params=["-crf", "10"],
+        codec=codec,
+        pix_fmt_out=pix_fmt,
+        output_params=list(quality),
         macro_block_size=1,
     )
     writer.send(None)
@@ -99,6 +106,22 @@ def test_decoded_mp4_frames_match_the_source_within_codec_error(clip):
         assert int(np.argmin(errors)) == t
 
 
+@pytest.mark.parametrize(
+    "suffix, codec, pix_fmt, quality",
+    [
+        (".mov", "prores_ks", "yuv422p10le", ("-profile:v", "3")),
+        (".webm", "libvpx-vp9", "yuv420p", ("-crf", "10", "-b:v", "0")),
+    ],
+)
+def test_mov_and_webm_decode_like_the_source(tiny_video, tmp_path, suffix, codec, pix_fmt, quality):
+    video = tiny_video(num_frames=3)
+    path = encode_mp4(tmp_path / f"clip{suffix}", video.frames, codec=codec, pix_fmt=pix_fmt, quality=quality)
+    decoded = decode(path, FrameSelection())
+    assert decoded.indices == [0, 1, 2]
+    for t, frame in enumerate(decoded.frames):
+        assert np.abs(frame / 255.0 - video.frames[t]).mean() < MAX_MEAN_ABS_ERROR, (suffix, t)
+
+
 def test_range_stride_and_max_side_pick_and_scale_frames(clip):
     video, path, _ = clip
     decoded = decode(path, FrameSelection(start=1, end=5, stride=2, max_side=48))
@@ -106,6 +129,15 @@ def test_range_stride_and_max_side_pick_and_scale_frames(clip):
     assert decoded.size == (48, 32)  # 96x64 halved, aspect kept
     small = np.asarray(Image.fromarray((video.frames[3] * 255).round().astype(np.uint8)).resize((48, 32), 4))
     assert np.abs(decoded.frames[1].astype(float) - small).mean() < 6.0
+    # Masks at the source size are scaled with the frames (area average, threshold 0.5).
+    from backend.pipeline import load_input
+
+    _, _, masks = clip
+    data = load_input({"kind": "video", "path": str(path), "masks": str(masks), "max_side": 48}, None)
+    assert data.frames.shape == (5, 32, 48, 3) and data.masks.shape == (2, 5, 32, 48)
+    for k in range(2):
+        small = video.masks[k].reshape(5, 32, 2, 48, 2).mean(axis=(2, 4)) > 0.5
+        assert (data.masks[k] == small).mean() > 0.99
     assert output_size(1920, 1080, 512) == (512, 288)
     assert output_size(1080, 1920, 512) == (288, 512)
     assert output_size(300, 200, None) == (300, 200)
