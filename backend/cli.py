@@ -150,7 +150,7 @@ def run_main(args: argparse.Namespace) -> int:
         print("interrupted; rerun the same command to resume from the last finished stage", file=sys.stderr)
         return 130
     summary = {
-        oid: {s: {k: round(v, 3) for k, v in m.items()} for s, m in o.items()}
+        oid: {s: {k: round(v, 3) for k, v in m.items() if isinstance(v, (int, float))} for s, m in o.items()}
         for oid, o in report["objects"].items()
     }
     print(

@@ -176,8 +176,14 @@ def compose_task(job, out_dir: str, spec_device, sink, *_objects_done) -> dict:
     _record_attempt(out, "compose", ["compose"])
     events = _TaskEvents(sink)
     report: dict[str, Any] = {"objects": {}}
+
+    def emit(event: dict) -> None:
+        # Loading the objects' finished checkpoints is not news here (the object tasks said so).
+        if not (event.get("type") == "log" and "already finished, skipping" in str(event.get("message"))):
+            events(event)
+
     try:
-        _run_stages(job, out, report, events, _StopMarker(out), save_report=lambda *_: None)
+        _run_stages(job, out, report, emit, _StopMarker(out), save_report=lambda *_: None)
     finally:
         events.flush()
     return {"scene": report.get("scene", {}), "device": str(job.device)}
