@@ -100,12 +100,27 @@ def scene_frame(clip: bpy.types.MovieClip, index: int) -> int:
     return int(clip.frame_start) + index - int(clip.frame_offset)
 
 
+def mask_entry(entry) -> tuple:
+    """(Mask, layer name or None) from a Mask or a (Mask, layer name) pair ("" = every layer)."""
+    if isinstance(entry, tuple):
+        mask, layer = entry
+        return mask, (layer or None)
+    return entry, None
+
+
+def entry_label(entry) -> str:
+    """The name an object takes: its layer's when one layer is chosen, else the Mask's."""
+    mask, layer = mask_entry(entry)
+    return layer if layer else mask.name
+
+
 def check_masks(masks) -> None:
-    """Each entry a Mask data-block with at least one layer holding a spline with points."""
+    """Each entry a Mask data-block (or one of its layers) holding at least one drawn spline point."""
     if not masks:
         raise MovieMaskError("no masks chosen: add one Mask data-block per object")
     seen: dict[str, str] = {}
-    for mask in masks:
+    for entry in masks:
+        mask, layer_name = mask_entry(entry)
         if mask is None:
             raise MovieMaskError("an object slot has no Mask data-block; pick one or remove the slot")
         if len(mask.layers) == 0:
@@ -113,16 +128,29 @@ def check_masks(masks) -> None:
                 f"Mask '{mask.name}' has no layer; draw the object's outline in the Movie Clip Editor's "
                 "Mask mode (which adds a layer) or remove the mask from the list"
             )
-        if not any(len(spline.points) for layer in mask.layers for spline in layer.splines):
-            raise MovieMaskError(
-                f"Mask '{mask.name}' has layers but no drawn points; draw the object's outline"
-            )
-        name = object_name(mask.name)
+        layers = list(mask.layers)
+        if layer_name is not None:
+            layers = [layer for layer in layers if layer.name == layer_name]
+            if not layers:
+                raise MovieMaskError(
+                    f"Mask '{mask.name}' has no layer '{layer_name}' (layers: "
+                    f"{', '.join(layer.name for layer in mask.layers)}); pick one of those"
+                )
+        what = f"Mask '{mask.name}'" + (f" layer '{layer_name}'" if layer_name else "")
+        if not any(len(spline.points) for layer in layers for spline in layer.splines):
+            raise MovieMaskError(f"{what} has no drawn points; draw the object's outline")
+        name = object_name(entry_label(entry))
         if name in seen:
-            raise MovieMaskError(
-                f"Masks '{seen[name]}' and '{mask.name}' would both be object '{name}'; rename one"
-            )
-        seen[name] = mask.name
+            raise MovieMaskError(f"{seen[name]} and {what} would both be object '{name}'; rename one")
+        seen[name] = what
+
+
+def _single_layer_copy(mask, layer_name: str):
+    """A temporary copy of `mask` keeping only one layer (the animation is shared with the original)."""
+    copy = mask.copy()
+    for layer in [layer for layer in copy.layers if layer.name != layer_name]:
+        copy.layers.remove(layer)
+    return copy
 
 
 def _file_output(tree, directory: Path, colour_mode: str):
@@ -198,7 +226,7 @@ def rasterise(
     check_masks(masks)
     masks_dir = Path(masks_dir)
     width, height = (int(v) for v in clip.size)
-    names = [object_name(mask.name) for mask in masks]
+    names = [object_name(entry_label(entry)) for entry in masks]
     folders = {name: masks_dir / name for name in names}
     for folder in folders.values():
         if folder.exists():
@@ -211,9 +239,14 @@ def rasterise(
     state = _SceneState(scene)
     tree = bpy.data.node_groups.new(TREE_NAME, "CompositorNodeTree")
     staging = Path(tempfile.mkdtemp(prefix="ds4d-masks-"))
+    copies = []
     try:
         outputs: list[tuple[Path, Path]] = []  # (staging folder, destination folder)
-        for name, mask in zip(names, masks):
+        for name, entry in zip(names, masks):
+            mask, layer_name = mask_entry(entry)
+            if layer_name is not None:
+                mask = _single_layer_copy(mask, layer_name)
+                copies.append(mask)
             node = tree.nodes.new("CompositorNodeMask")
             node.mask = mask
             node.inputs["Motion Blur"].default_value = False
@@ -254,13 +287,17 @@ def rasterise(
     finally:
         state.restore()
         bpy.data.node_groups.remove(tree)
+        for copy in copies:
+            bpy.data.masks.remove(copy)
         shutil.rmtree(staging, ignore_errors=True)
 
     first = indices[0]
-    for mask, name in zip(masks, names):
+    for entry, name in zip(masks, names):
+        mask, layer_name = mask_entry(entry)
+        what = f"Mask '{mask.name}'" + (f" layer '{layer_name}'" if layer_name else "")
         if not (_read_png_gray(folders[name] / f"{first:05d}.png") > 0.5).any():
             raise MovieMaskError(
-                f"Mask '{mask.name}' is empty in the first frame used (video frame {first}, scene frame "
+                f"{what} is empty in the first frame used (video frame {first}, scene frame "
                 f"{scene_frame(clip, first)}); every object must show in the first frame: move its outline "
                 "onto the object there, or start the frame range where it shows"
             )
@@ -284,7 +321,7 @@ def settings_clip(settings) -> bpy.types.MovieClip:
 
 
 def settings_masks(settings) -> list:
-    return [item.mask for item in settings.clip_masks]
+    return [(item.mask, item.layer) for item in settings.clip_masks]
 
 
 def build_clip_input(scene, settings, work_dir: str | Path, upload: bool) -> tuple[dict, dict | None]:
@@ -398,9 +435,8 @@ def finish_import(scene, settings, ds_scene):
     if scene.camera is None:
         scene.camera = camera
     align_scene_to_clip(scene, clip, ds_scene, camera)
-    names = {
-        object_name(item.mask.name): item.mask.name for item in settings.clip_masks if item.mask is not None
-    }
+    labels = [entry_label((item.mask, item.layer)) for item in settings.clip_masks if item.mask is not None]
+    names = {object_name(label): label for label in labels}
     for item in settings.objects:
         if item.name in names:
             item.label = names[item.name]  # the mask's own name, spaces and all

@@ -31,7 +31,10 @@ class DREAMSCENE4D_UL_objects(bpy.types.UIList):
 
 class DREAMSCENE4D_UL_clip_masks(bpy.types.UIList):
     def draw_item(self, context, layout, data, item, icon, active_data, active_propname, index=0):
-        layout.prop(item, "mask", text="", icon="MOD_MASK")
+        row = layout.row(align=True)
+        row.prop(item, "mask", text="", icon="MOD_MASK")
+        if item.mask is not None:
+            row.prop_search(item, "layer", item.mask, "layers", text="")
 
 
 class DREAMSCENE4D_PT_backend(DS4DPanel, bpy.types.Panel):

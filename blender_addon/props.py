@@ -85,6 +85,9 @@ class DS4D_MaskItem(bpy.types.PropertyGroup):
     """One object of a Movie Clip input: the Mask data-block drawn over it (its name names the object)."""
 
     mask: PointerProperty(name="Mask", type=bpy.types.Mask)
+    layer: StringProperty(
+        name="Layer", description="Only this layer of the Mask is the object (empty: every layer)"
+    )
 
 
 PRESETS = [

@@ -76,7 +76,12 @@ def source_frames() -> np.ndarray:
 
 def animated_mask(name: str, polygon_at, clip, frames=range(FRAMES)) -> bpy.types.Mask:
     mask = bpy.data.masks.new(name)
-    layer = mask.layers.new(name="outline")
+    add_animated_layer(mask, "outline", polygon_at, clip, frames)
+    return mask
+
+
+def add_animated_layer(mask, layer_name: str, polygon_at, clip, frames=range(FRAMES)) -> None:
+    layer = mask.layers.new(name=layer_name)
     spline = layer.splines.new()
     count = len(polygon_at(0))
     spline.points.add(count - 1)  # a new spline starts with one point
@@ -92,9 +97,9 @@ def animated_mask(name: str, polygon_at, clip, frames=range(FRAMES)) -> bpy.type
             point.handle_right = corners[j] + (corners[(j + 1) % count] - corners[j]) / 3
             for prop in ("co", "handle_left", "handle_right"):
                 mask.keyframe_insert(
-                    f'layers["outline"].splines[0].points[{j}].{prop}', frame=movie_masks.scene_frame(clip, t)
+                    f'layers["{layer_name}"].splines[0].points[{j}].{prop}',
+                    frame=movie_masks.scene_frame(clip, t),
                 )
-    return mask
 
 
 @pytest.fixture(scope="module")
@@ -161,6 +166,26 @@ def test_two_animated_masks_become_two_mask_tracks_matching_their_shapes(clip_sc
     assert (scene.render.resolution_x, scene.render.resolution_y, scene.frame_current) == before
     assert scene.compositing_node_group is None
     assert movie_masks.TREE_NAME not in bpy.data.node_groups
+
+
+def test_one_mask_with_a_layer_per_object(clip_scene, tmp_path):
+    scene, clip, _, _ = clip_scene
+    actors = bpy.data.masks.new("Actors")
+    add_animated_layer(actors, "Ball", ball_polygon, clip)
+    add_animated_layer(actors, "Box", box_polygon, clip)
+    count = len(bpy.data.masks)
+    indices = [0, 3]
+    folders = movie_masks.rasterise(scene, clip, [(actors, "Ball"), (actors, "Box")], indices, tmp_path)
+    assert sorted(folders) == ["Ball", "Box"] and len(bpy.data.masks) == count  # copies removed
+    for i in indices:
+        ball, box = (read_mask(folders[name] / f"{i:05d}.png") for name in ("Ball", "Box"))
+        assert iou(ball, reference_raster(ball_polygon(i))) > MIN_IOU, i
+        assert iou(box, reference_raster(box_polygon(i))) > MIN_IOU, i
+        assert not (ball & reference_raster(box_polygon(i))).any()  # each holds its own layer only
+    with pytest.raises(
+        movie_masks.MovieMaskError, match="Mask 'Actors' has no layer 'Cat' \\(layers: Ball, Box\\)"
+    ):
+        movie_masks.check_masks([(actors, "Cat")])
 
 
 def test_bad_inputs_are_clear_errors_before_anything_is_sent(clip_scene, tmp_path):
