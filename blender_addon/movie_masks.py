@@ -1,4 +1,4 @@
-"""A Movie Clip and one Mask data-block per object as the backend's input.
+"""A Movie Clip and one Mask data-block (or one Mask layer) per object as the backend's input.
 
 Blender draws and animates masks in the Movie Clip Editor; the backend wants one binary mask
 image per frame and object.  `rasterise` renders each Mask data-block at every frame used through
@@ -9,8 +9,10 @@ compositor reads them from there.  Every setting it changes on the scene is put 
 
 Frames: decoded frame i (0-based, what the backend calls frame i of the video) is clip frame
 i + 1, shown at scene frame ``clip.frame_start + i - clip.frame_offset``.  Masks are written as
-``<folder>/<mask name>/NNNNN.png`` (NNNNN = i), the layout the backend's video input matches by
-name, so the object ids in the result are the mask names.
+``<folder>/<mask name>/NNNNN.png`` (NNNNN = i; the layer's name when one layer is chosen), the
+layout the backend's video input matches by name, so the object ids in the result are the mask
+names.  The imported result starts at the scene frame showing the first frame used and advances
+one video frame per scene frame: with a stride above 1 the clip in the background runs ahead.
 
 With a shared disk the job names the clip's file and the mask folder (`input.kind == "video"`);
 without one the clip's frames are written through the compositor's Movie Clip node too and both
