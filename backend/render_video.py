@@ -7,6 +7,7 @@ and pixel grid stay those of the render).
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -74,11 +75,16 @@ def write_clip(stem: str | Path, frames: np.ndarray, fps: float) -> dict[str, Pa
     """`stem`.mp4, `stem`.gif and `stem`_frame.png (the middle frame, for quick viewing)."""
     stem = Path(stem)
     frames = to_uint8(frames)
-    return {
-        "mp4": write_mp4(stem.with_name(stem.name + ".mp4"), frames, fps),
+    written = {
         "gif": write_gif(stem.with_name(stem.name + ".gif"), frames, fps),
         "png": write_png(stem.with_name(stem.name + "_frame.png"), frames[len(frames) // 2]),
     }
+    try:
+        written["mp4"] = write_mp4(stem.with_name(stem.name + ".mp4"), frames, fps)
+    except (ImportError, RuntimeError, OSError) as exc:
+        # A machine without an H.264 encoder (no imageio-ffmpeg) still gets the GIF and stills.
+        warnings.warn(f"{stem.name}.mp4 not written ({exc}); the GIF has the same frames", stacklevel=2)
+    return written
 
 
 def read_video_frames(path: str | Path) -> np.ndarray:
