@@ -215,9 +215,13 @@ class BackendServer:
 
     def _check_input_roots(self, spec: dict) -> None:
         inp = spec["input"]
-        keys = (
-            ("root",) if inp["kind"] == "reference" else ("frames", "masks", "inpainted", "inpainted_masks")
-        )
+        # Every path-valued field of every input kind: a field left out here would let a client
+        # make the server read files outside its input roots.
+        keys = {
+            "reference": ("root",),
+            "folders": ("frames", "masks", "inpainted", "inpainted_masks"),
+            "video": ("path", "masks"),
+        }.get(inp["kind"], ())
         jobs_root = self.store.root.resolve()
         for key in keys:
             if not inp.get(key):
