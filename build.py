@@ -50,10 +50,23 @@ def setup() -> Path:
         return python
     # torch first and alone: pip then takes the local CPU build instead of resolving a CUDA one.
     torch_pin = next(
-        line.strip() for line in (ROOT / "requirements.txt").read_text().splitlines() if line.startswith("torch==")
+        line.strip()
+        for line in (ROOT / "requirements.txt").read_text().splitlines()
+        if line.startswith("torch==")
     )
     run([python, "-m", "pip", "install", "--disable-pip-version-check", "-q", torch_pin])
-    run([python, "-m", "pip", "install", "--disable-pip-version-check", "-q", "-r", ROOT / "requirements-dev.txt"])
+    run(
+        [
+            python,
+            "-m",
+            "pip",
+            "install",
+            "--disable-pip-version-check",
+            "-q",
+            "-r",
+            ROOT / "requirements-dev.txt",
+        ]
+    )
     STAMP.write_text(requirements_digest())
     return python
 
