@@ -119,7 +119,7 @@ def test_two_videos_through_the_job_queue_match_the_single_process_run(executor,
     video_a = tiny_video(num_frames=3, name="va")
     video_b = tiny_video(num_frames=4, name="vb")
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the reference run shares two cores with the Ray workers of other tests
+    torch.set_num_threads(1)  # as in a Ray worker (one CPU per task): same arithmetic, no oversubscription
     try:
         reference = run_job(spec_for(video_a), tmp_path / "single")
     finally:
