@@ -722,7 +722,9 @@ def compose_scene(
         "frame_names": list(video.frame_names),
         "camera": {"K": cam_full.K.tolist(), "viewmat": cam_full.viewmat.tolist()},
         "orbit_center": [float(v) for v in orbit_center],
-        "renders": {name: str(files.get("mp4", files["gif"]).relative_to(out_dir)) for name, files in written.items()},
+        "renders": {
+            name: str(files.get("mp4", files["gif"]).relative_to(out_dir)) for name, files in written.items()
+        },
         "tracks": str((tracks_dir / "tracks.npz").relative_to(out_dir)),
         "composition": {
             "depth_provider": provider_name,
