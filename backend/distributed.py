@@ -63,12 +63,12 @@ def connect(address: str = "auto", **init_kwargs: Any):
     options = {"include_dashboard": False, "runtime_env": runtime_env, "log_to_driver": True}
     options.update(init_kwargs)
     if address == "local":
-        ray.init(**options)
+        ray.init(address="local", **options)
     elif address == "auto":
-        try:
+        if _recorded_cluster_answers():
             ray.init(address="auto", **options)
-        except ConnectionError:
-            ray.init(**options)
+        else:  # none running here, or only the record of one that died (joining it would hang)
+            ray.init(address="local", **options)
     else:
         try:
             ray.init(address=address, **options)
@@ -78,6 +78,27 @@ def connect(address: str = "auto", **init_kwargs: Any):
                 "on the head machine, or use --ray auto"
             ) from None
     return ray
+
+
+def _recorded_cluster_answers(timeout: float = 3.0) -> bool:
+    """Whether the cluster that `address="auto"` would join (RAY_ADDRESS, or the one `ray start`
+    recorded on this machine) accepts a TCP connection."""
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+
+        recorded = canonicalize_bootstrap_address("auto")
+    except ConnectionError:  # no cluster recorded at all
+        return False
+    except Exception:  # noqa: BLE001 (a Ray without this helper: let ray.init decide)
+        return True
+    if not recorded:
+        return False
+    host, _, port = recorded.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 def worker_device(name: str | None):
