@@ -209,6 +209,17 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(raw)
 
 
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = (
+            _deep_merge(out[key], value)
+            if isinstance(value, dict) and isinstance(out.get(key), dict)
+            else value
+        )
+    return out
+
+
 def _merge_override(base: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
     # Overrides replace a single leaf, so a loss weight can be changed without restating the rest.
     out = dict(base)
@@ -234,6 +245,9 @@ def load_config(preset: str | Path = "full", overrides: dict[str, Any] | list[st
         raise InputError(f"{path} is not valid YAML: {exc}") from exc
     if not isinstance(values, dict):
         raise InputError(f"{path} must hold a mapping of config keys")
+    # Start from the defaults so an override of one entry of a mapping (a loss weight, say) keeps
+    # the entries the preset file does not restate.
+    values = _deep_merge(dataclasses.asdict(Config()), values)
     pairs = (
         [parse_override(o) for o in overrides]
         if isinstance(overrides, list)

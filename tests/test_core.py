@@ -36,6 +36,9 @@ def test_override_sets_nested_leaf_and_keeps_siblings():
     assert cfg.stage1.iters == 300
     assert cfg.stage1.loss_weights == {"rgb": 10000.0, "mask": 1000.0, "sds": 0.5}
     assert cfg.stage2.deformation.hidden == 32
+    # A mapping the preset file does not restate keeps its other entries too.
+    cfg = load_config("cpu-demo", ["stage2.loss_weights.flow=0"])
+    assert cfg.stage2.loss_weights["flow"] == 0.0 and cfg.stage2.loss_weights["rigidity"] == 50000.0
 
 
 @pytest.mark.parametrize(
