@@ -302,6 +302,14 @@ def match_tracks(recon_points, recon_objects, queries, query_objects, recon_visi
     return index
 
 
+def track_object_ids(data) -> np.ndarray:
+    """Object id per track: the pipeline stores an index into `object_ids`; plain ids also work."""
+    objects = np.asarray(data["object"])
+    if "object_ids" in data and np.issubdtype(objects.dtype, np.integer):
+        return np.asarray(data["object_ids"]).astype(str)[objects]
+    return objects.astype(str)
+
+
 def evaluate_tracks(renderer: SceneRenderer, gt_tracks: dict, viewmat, K, recon_size, gt_size) -> dict:
     gt_points = np.asarray(gt_tracks["points"], dtype=np.float64)
     gt_visible = np.asarray(gt_tracks["visible"], dtype=bool)
@@ -314,9 +322,7 @@ def evaluate_tracks(renderer: SceneRenderer, gt_tracks: dict, viewmat, K, recon_
         scale = np.array([gt_size[0] / recon_size[0], gt_size[1] / recon_size[1]])
         recon = np.asarray(data["points"], dtype=np.float64) * scale
         recon_visible = np.asarray(data["visible"], dtype=bool) if "visible" in data else None
-        index = match_tracks(
-            recon, np.asarray(data["object"]).astype(str), queries, gt_objects, recon_visible
-        )
+        index = match_tracks(recon, track_object_ids(data), queries, gt_objects, recon_visible)
         pred = recon[:, index]
         source = str(tracks_rel)
     else:
