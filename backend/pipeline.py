@@ -116,7 +116,20 @@ def prepare(spec: dict, out_dir: Path | None = None) -> PreparedJob:
     video = load_input(spec.get("input"), None if out_dir is None else Path(out_dir) / "input")
     if "motion" in stages and video.num_frames < 2:
         raise InputError(f"video '{video.name}' has 1 frame; motion needs at least 2 (use --stages static)")
+    check_models_exist(config, stages)
     return PreparedJob(config, video, stages, device, config.guidance.model)
+
+
+def check_models_exist(config: Config, stages: list[str]) -> None:
+    """Missing weights are input errors found before any optimisation, not after stage 1."""
+    from backend.depth import validate_depth_model
+    from backend.guidance.zero123 import check_model_folder, resolve_model_folder
+
+    source = config.guidance.model
+    if source != "none" and ("static" in stages or "motion" in stages):
+        check_model_folder(resolve_model_folder(source, config.guidance.cache_dir or None), source)
+    if "compose" in stages:
+        validate_depth_model(config.stage3.depth_model)
 
 
 def validate_job(spec: dict) -> None:
