@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from backend.raster.torch_ref import quat_to_rotmat
 from shared import ply
 
 STATE_FORMAT = "dreamscene4d-gaussians"
@@ -163,19 +164,6 @@ def append(model: GaussianModel, optimizer: torch.optim.Optimizer, extra: dict[s
         setattr(model, name, new)
 
 
-def quaternion_to_matrix(q: torch.Tensor) -> torch.Tensor:
-    q = torch.nn.functional.normalize(q, dim=-1)
-    w, x, y, z = q.unbind(-1)
-    return torch.stack(
-        [
-            1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
-            2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
-            2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y),
-        ],
-        dim=-1,
-    ).reshape(*q.shape[:-1], 3, 3)  # fmt: skip
-
-
 @dataclass
 class DensifyStrategy:
     """Clone / split / prune on accumulated view-space gradients (3DGS rules, METHOD.md numbers).
@@ -252,7 +240,7 @@ class DensifyStrategy:
         raw = {name: getattr(model, name).detach() for name in PARAM_NAMES}
         cloned = {name: t[clone] for name, t in raw.items()}
         # Split: two children sampled inside the parent, each shrunk by split_factor; the parent goes.
-        rot = quaternion_to_matrix(raw["quats"][split])
+        rot = quat_to_rotmat(raw["quats"][split])
         std = a["scales"][split]
         children = []
         for _ in range(2):

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from backend.raster.torch_ref import quat_to_rotmat
+
 PAIR_EPS = 1e-20  # keeps the per-pair sqrt differentiable at zero residual
 
 
@@ -72,25 +74,6 @@ def quat_multiply(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def quat_conjugate(q: torch.Tensor) -> torch.Tensor:
     return torch.cat([q[..., :1], -q[..., 1:]], dim=-1)
-
-
-def quat_to_rotmat(q: torch.Tensor) -> torch.Tensor:
-    """(w, x, y, z) quaternions of any norm [..., 4] -> rotation matrices [..., 3, 3]."""
-    w, x, y, z = torch.nn.functional.normalize(q, dim=-1).unbind(-1)
-    return torch.stack(
-        [
-            1 - 2 * (y * y + z * z),
-            2 * (x * y - w * z),
-            2 * (x * z + w * y),
-            2 * (x * y + w * z),
-            1 - 2 * (x * x + z * z),
-            2 * (y * z - w * x),
-            2 * (x * z - w * y),
-            2 * (y * z + w * x),
-            1 - 2 * (x * x + y * y),
-        ],
-        dim=-1,
-    ).reshape(*q.shape[:-1], 3, 3)
 
 
 def _weighted_pair_norm(residual: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
