@@ -517,8 +517,9 @@ def test_sigkill_during_stage2_resumes_from_stage1_checkpoints(tmp_path, tiny_vi
             assert {p: p.stat().st_mtime_ns for p in checkpoints.glob("*/static.pt")} == static_mtimes
             assert (checkpoints / "001" / "motion.pt").is_file()
             assert (state / "jobs" / job / "out" / "scene.json").is_file()
-            client.shutdown()
-        assert second.proc.wait(20) == 0
+            # A loaded machine can take a while to wind the worker down after a finished job.
+            client.request("shutdown", {}, timeout=60.0)
+        assert second.proc.wait(60) == 0
     finally:
         second.stop()
 
