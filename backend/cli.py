@@ -166,24 +166,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m backend", description="DreamScene4D backend")
     sub = parser.add_subparsers(dest="command", required=True)
     add_run_arguments(sub.add_parser("run", help="run the optimisation on one video"))
-    try:
-        from backend.server import add_serve_arguments
+    from backend.server import add_serve_arguments
 
-        add_serve_arguments(sub.add_parser("serve", help="run the ZeroMQ service"))
-    except ImportError:
-        pass
-    try:
-        from backend.eval import add_eval_arguments
+    add_serve_arguments(sub.add_parser("serve", help="run the ZeroMQ service"))
+    from backend.eval import add_eval_arguments
 
-        add_eval_arguments(sub.add_parser("eval", help="evaluate a finished scene"))
-    except ImportError:
-        pass
-    try:
-        from backend.demo import add_demo_arguments
+    add_eval_arguments(sub.add_parser("eval", help="evaluate a finished scene"))
+    from backend.demo import add_demo_arguments
 
-        add_demo_arguments(sub.add_parser("demo", help="the built-in end-to-end demo"))
-    except ImportError:
-        pass
+    add_demo_arguments(sub.add_parser("demo", help="the built-in end-to-end demo"))
     return parser
 
 
