@@ -143,39 +143,25 @@ def rasterize(
     if backend == "gsplat":
         if not means.is_cuda:
             raise ValueError("rasterize: backend='gsplat' needs CUDA tensors; use backend='torch' on CPU")
-        from backend.raster.gsplat_backend import rasterize_gsplat
-
-        color, alpha, depth, means2d, radii = rasterize_gsplat(
-            means,
-            quats,
-            scales,
-            opacities,
-            colors,
-            viewmats,
-            Ks,
-            width,
-            height,
-            backgrounds,
-            NEAR_PLANE,
-            FAR_PLANE,
-        )
+        from backend.raster.gsplat_backend import rasterize_gsplat as rasterize_impl
     elif backend == "torch":
-        color, alpha, depth, means2d, radii = rasterize_torch(
-            means,
-            quats,
-            scales,
-            opacities,
-            colors,
-            viewmats,
-            Ks,
-            width,
-            height,
-            backgrounds,
-            NEAR_PLANE,
-            FAR_PLANE,
-        )
+        rasterize_impl = rasterize_torch
     else:
         raise ValueError(f"rasterize: backend must be 'auto', 'torch' or 'gsplat', got {backend!r}")
+    color, alpha, depth, means2d, radii = rasterize_impl(
+        means,
+        quats,
+        scales,
+        opacities,
+        colors,
+        viewmats,
+        Ks,
+        width,
+        height,
+        backgrounds,
+        NEAR_PLANE,
+        FAR_PLANE,
+    )
     if means2d.requires_grad:
         means2d.retain_grad()
     return RenderOutput(color=color, alpha=alpha, depth=depth, means2d=means2d, radii=radii)

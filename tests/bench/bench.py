@@ -27,11 +27,10 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from backend import stage1, stage2  # noqa: E402
-from backend.cameras import input_camera, stack_cameras  # noqa: E402
+from backend.cameras import input_camera  # noqa: E402
 from backend.config import load_config  # noqa: E402
 from backend.data import load_reference_layout  # noqa: E402
 from backend.guidance.zero123 import make_guidance  # noqa: E402
-from backend.raster import rasterize  # noqa: E402
 
 
 class StepClock:
@@ -174,42 +173,18 @@ def render_fps(baked: dict, width: int, height: int, device, repeats: int = 200)
     """Composed scene (all objects in one rasterize call) at 512 px long side, frame 0."""
     scale = 512 / max(width, height)
     cam = input_camera(width, height).resized(round(width * scale), round(height * scale))
-    viewmats, Ks = stack_cameras([cam], device)
     g = {
         k: torch.cat([b[k][0] if b[k].dim() == 3 else b[k] for b in baked.values()]).to(device)
         for k in next(iter(baked.values()))
     }
-    bg = torch.ones(3, device=device)
     with torch.no_grad():
         for _ in range(10):
-            rasterize(
-                g["means"],
-                g["quats"],
-                g["scales"],
-                g["opacities"],
-                g["colors"],
-                viewmats,
-                Ks,
-                cam.width,
-                cam.height,
-                bg,
-            )
+            stage1.render_views(g, [cam], device)
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         for _ in range(repeats):
-            rasterize(
-                g["means"],
-                g["quats"],
-                g["scales"],
-                g["opacities"],
-                g["colors"],
-                viewmats,
-                Ks,
-                cam.width,
-                cam.height,
-                bg,
-            )
+            stage1.render_views(g, [cam], device)
         if device.type == "cuda":
             torch.cuda.synchronize()
     return repeats / (time.perf_counter() - t0)
