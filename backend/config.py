@@ -93,6 +93,9 @@ class Stage2Config:
     placement_lr: float = 1e-3
     placement_lr_final: float = 2e-5
     placement_loss_weights: dict[str, float] = field(default_factory=lambda: {"rgb": 1000.0, "mask": 100.0})
+    # "projective" (ours): the video camera sees each placed object exactly as the crop camera
+    # did (backend/motion/placement.py); "similarity": translation and uniform scale, as published.
+    placement_model: typing.Literal["projective", "similarity"] = "projective"
     joint_iters: int = 100
     joint_lr_factor: float = 0.1
     deformation: DeformationConfig = field(default_factory=DeformationConfig)
@@ -147,6 +150,13 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise InputError(f"config key '{key}' must be a mapping of {sorted(_field_types(annotation))}")
         return _build(annotation, value, key + ".")
+    if origin is typing.Literal:
+        choices = typing.get_args(annotation)
+        if value not in choices:
+            raise InputError(
+                f"config key '{key}' must be one of {', '.join(map(str, choices))}; got {value!r}"
+            )
+        return value
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise InputError(f"config key '{key}' must be a number, got {value!r}")

@@ -217,7 +217,10 @@ def animate_object(
     scales_t = np.array([win.side / H for win in track.windows])
     centres = np.array([[win.centre_x, win.centre_y] for win in track.windows])
     translation0 = full_cam.unproject(centres, np.full(T, 2.0))
-    placement = FramePlacement(translation0, scales_t).to(device)
+    projective = {"camera_center": full_cam.center, "camera_forward": full_cam.c2w[:3, 2]}
+    placement = FramePlacement(
+        translation0, scales_t, **(projective if cfg.placement_model == "projective" else {})
+    ).to(device)
     with torch.no_grad():
         frozen = deform(list(range(T)))
     losses_b = WeightedLosses(cfg.placement_loss_weights, ["rgb", "mask"], "stage2.placement_loss_weights")

@@ -49,6 +49,7 @@ def test_override_sets_nested_leaf_and_keeps_siblings():
         ("stage2.deformation.planes=3", "stage2.deformation.planes"),
         ("stage1.iters=many", "stage1.iters"),
         ("stage1.iters", "key=value"),
+        ("stage2.placement_model=affine", "stage2.placement_model"),
     ],
 )
 def test_bad_override_names_the_key(override, fragment):

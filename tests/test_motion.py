@@ -368,3 +368,41 @@ def test_frame_placement():
     assert learned.log_scale.grad[2] != 0
     with pytest.raises(ValueError, match="one scale per frame"):
         FramePlacement(translation, scale[:2])
+
+
+def _crop_view_in_frame(points: np.ndarray, window) -> np.ndarray:
+    """Where the crop camera of stages 1-2 puts object points, in frame pixels."""
+    from backend.cameras import Camera
+
+    crop_cam = Camera.orbit(0.0, 0.0, 2.0, window.size, window.size)
+    uv, _ = crop_cam.project(points)
+    return window.crop_to_frame(uv)
+
+
+@pytest.mark.parametrize("centre", [(296.5, 82.0), (40.0, 230.0), (192.0, 128.0)])
+def test_projective_placement_reproduces_the_crop_view(centre):
+    from backend.cameras import input_camera
+    from backend.crop import CropWindow
+
+    W, H = 384, 256
+    window = CropWindow(centre[0], centre[1], side=109.2, size=128, frame_width=W, frame_height=H)
+    video_cam = input_camera(W, H)
+    points = np.random.default_rng(0).uniform(-0.5, 0.5, (300, 3))
+    expected = _crop_view_in_frame(points, window)
+    translation = video_cam.unproject(np.array([centre]), np.array([2.0]))
+    scale = np.array([window.side / H])
+    projective = FramePlacement(
+        translation, scale, camera_center=video_cam.center, camera_forward=video_cam.c2w[:3, 2]
+    )
+    similarity = FramePlacement(translation, scale)
+    means = torch.as_tensor(points, dtype=torch.float32)
+    errors = {}
+    for name, placement in (("projective", projective), ("similarity", similarity)):
+        world, _ = placement.apply(means, torch.full_like(means, 0.01), 0)
+        uv, _ = video_cam.project(world.detach().double().numpy())
+        errors[name] = np.abs(uv - expected).max()
+    assert errors["projective"] < 1e-3
+    # the published similarity placement leaves the near and far parts apart by several pixels
+    assert errors["similarity"] > 2.0
+    with pytest.raises(ValueError, match="both camera_center and camera_forward"):
+        FramePlacement(translation, scale, camera_center=video_cam.center)
