@@ -40,6 +40,7 @@ DEFAULT_HUB_ID = "ashawkey/zero123-xl-diffusers"
 SUBFOLDERS = ("unet", "vae", "image_encoder", "feature_extractor", "scheduler", "clip_camera_projection")
 ANNEAL_SCHEDULES = ("linear", "hold_then_linear")
 RENDERED_LATENT_MODES = ("sample", "mode")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 # Config file each sub-folder must hold, and the weight files one of which it must hold (none for
@@ -105,9 +106,14 @@ class GuidanceConfig:
     rendered_latent: str = "sample"
     # Where to look for hub ids; empty = huggingface_hub's default cache (HF_HUB_CACHE / HF_HOME).
     cache_dir: str = ""
-    # Speed (CUDA only; same maths): channels-last memory layout and torch.compile of the UNet
-    # and the VAE encoder.  Off = the eager baseline of the benchmark.
+    # Speed (CUDA only; same maths): channels-last memory layout, torch.compile of the UNet
+    # and the VAE encoder (with `compile_mode`) and cuDNN autotuning.  Off = the eager baseline of
+    # the benchmark.
     optimize: bool = False
+    compile_mode: str = "default"
+    # Memory (any device; same maths): SDS over at most this many rendered views at a time, each
+    # chunk's VAE encoder graph freed before the next is built.  0 = all views in one batch.
+    encode_chunk: int = 0
 
     def validate(self) -> None:
         if not self.model.strip():
@@ -132,6 +138,19 @@ class GuidanceConfig:
             raise InputError(f"guidance.guidance_scale={self.guidance_scale} must be >= 0")
         if self.image_size <= 0 or self.image_size % 8:
             raise InputError(f"guidance.image_size={self.image_size} must be a positive multiple of 8")
+        if self.compile_mode not in COMPILE_MODES:
+            raise InputError(
+                f"guidance.compile_mode={self.compile_mode!r} is not one of {', '.join(COMPILE_MODES)}"
+            )
+        if (
+            isinstance(self.encode_chunk, bool)
+            or not isinstance(self.encode_chunk, int)
+            or self.encode_chunk < 0
+        ):
+            raise InputError(
+                f"guidance.encode_chunk={self.encode_chunk!r} must be an integer >= 0 "
+                "(0 = encode all rendered views at once)"
+            )
 
 
 def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
@@ -498,11 +517,15 @@ class Zero123Guidance:
 
     def _optimize_for_cuda(self) -> None:
         # The UNet runs at a fixed batch per stage, and the VAE encoder forward+backward is the
-        # slowest part of a step: both gain from fused kernels and NHWC convolutions.
+        # slowest part of a step: both gain from fused kernels and NHWC convolutions.  The
+        # convolution shapes are fixed, so cuDNN's autotuning pays for itself after a few steps
+        # (it is a process-wide switch).
+        torch.backends.cudnn.benchmark = True
         self.unet.to(memory_format=torch.channels_last)
         self.vae.to(memory_format=torch.channels_last)
-        self.unet = torch.compile(self.unet, dynamic=False)
-        self.vae.encoder = torch.compile(self.vae.encoder, dynamic=False)
+        mode = self.cfg.compile_mode
+        self.unet = torch.compile(self.unet, dynamic=False, mode=mode)
+        self.vae.encoder = torch.compile(self.vae.encoder, dynamic=False, mode=mode)
 
     # -- inputs ----------------------------------------------------------------------------
 
@@ -614,7 +637,25 @@ class Zero123Guidance:
         ([N, 4, h, w]) and `generator` (on the model device) make a step reproducible.
         Gradients reach `rendered` through the VAE encoder only.  Returns (loss, info) with info
         {"t": int, "w": float, "grad_norm": 0-d tensor (not synced)}.
+
+        With `encode_chunk` > 0 and more views than that, the views go through the VAE encoder and
+        the UNet a chunk at a time (see `_chunked_sds_loss`); loss value and gradient are the same.
         """
+        chunk = self.cfg.encode_chunk
+        if chunk > 0 and rendered.shape[0] > chunk:
+            return self._chunked_sds_loss(
+                rendered,
+                d_elevation_deg,
+                d_azimuth_deg,
+                d_radius,
+                step_ratio,
+                reference_index=reference_index,
+                t_range=t_range,
+                anneal=anneal,
+                noise=noise,
+                generator=generator,
+                reduction=reduction,
+            )
         latents = self.encode_rendered(rendered, generator)
         return self.sds_loss_from_latents(
             latents,
@@ -629,6 +670,84 @@ class Zero123Guidance:
             generator=generator,
             reduction=reduction,
         )
+
+    def _chunked_sds_loss(
+        self,
+        rendered: torch.Tensor,
+        d_elevation_deg: Any,
+        d_azimuth_deg: Any,
+        d_radius: Any,
+        step_ratio: float,
+        reference_index: torch.Tensor | None,
+        t_range: tuple[float, float] | None,
+        anneal: str | None,
+        noise: torch.Tensor | None,
+        generator: torch.Generator | None,
+        reduction: str,
+    ) -> tuple[torch.Tensor, dict]:
+        """`sds_loss` over `encode_chunk` views at a time, for memory.
+
+        The SDS loss is a sum of independent per-view terms (the VAE encoder's group norms and
+        the UNet act on each image alone), so the views split into chunks exactly.  Each chunk is
+        encoded from a detached copy of its rendered images, its loss (divided by the total N for
+        "mean") is differentiated back to that copy at once, and its encoder graph is freed before
+        the next chunk; only one chunk's activations are alive at a time.  The returned tensor has
+        the full loss as its value, and `rendered` receives the accumulated image gradient when the
+        caller runs backward (once, with the rest of its losses):
+            loss = L + (sum(x * G) - sg(sum(x * G))),  G = dL/dx from the chunks, x = rendered.
+        One timestep for all chunks (it depends on `step_ratio` only); `noise` is split by chunk.
+        With "sample" latents or drawn noise, the random draws differ from one unchunked batch.
+        """
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', not {reduction!r}")
+        if rendered.ndim != 4:
+            raise ValueError(f"expected images [N, 3, H, W], got {tuple(rendered.shape)}")
+        n = rendered.shape[0]
+        if noise is not None and noise.shape[0] != n:
+            raise ValueError(f"noise has {noise.shape[0]} views for {n} rendered views")
+        de = _per_view(d_elevation_deg, n, self.device, "d_elevation_deg")
+        da = _per_view(d_azimuth_deg, n, self.device, "d_azimuth_deg")
+        dr = _per_view(d_radius, n, self.device, "d_radius")
+        index = self._reference_index(reference_index, n)
+        scale = 1.0 / n if reduction == "mean" else 1.0
+        with_grad = torch.is_grad_enabled() and rendered.requires_grad
+        chunk = self.cfg.encode_chunk
+        values: list[torch.Tensor] = []
+        grads: list[torch.Tensor] = []
+        grad_norms: list[torch.Tensor] = []
+        info: dict = {}
+        for start in range(0, n, chunk):
+            part = slice(start, min(start + chunk, n))
+            x = rendered[part].detach().requires_grad_(with_grad)
+            with torch.set_grad_enabled(with_grad):
+                latents = self.encode_rendered(x, generator)
+                loss, info = self.sds_loss_from_latents(
+                    latents,
+                    de[part],
+                    da[part],
+                    dr[part],
+                    step_ratio,
+                    reference_index=index[part],
+                    t_range=t_range,
+                    anneal=anneal,
+                    noise=None if noise is None else noise[part],
+                    generator=generator,
+                    reduction="sum",
+                )
+                loss = loss * scale
+            if with_grad:
+                (grad,) = torch.autograd.grad(loss, x)
+                grads.append(grad)
+            values.append(loss.detach())
+            grad_norms.append(info["grad_norm"])
+            del latents, loss, x
+        value = torch.stack(values).sum()
+        info = {**info, "grad_norm": torch.linalg.vector_norm(torch.stack(grad_norms))}
+        if not with_grad:
+            return value, info
+        link = (rendered * torch.cat(grads)).sum()
+        # link - sg(link) is exactly 0 in value, so the loss value is the chunks' sum unchanged.
+        return value + (link - link.detach()), info
 
     def sds_loss_from_latents(
         self,

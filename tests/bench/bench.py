@@ -5,17 +5,28 @@ Runs the real pipeline functions with the full preset and a full-size random-wei
 stage would take too long for one session, a fixed number of steps is timed after warm-up and
 extrapolated to the preset's step count; such figures are marked "extrapolated".
 
-    python tests/bench/bench.py --data .devdata/davis --videos kid-football --mode optimized \
+    python tests/bench/bench.py --data .devdata/davis --videos kid-football --mode eager,optimized \
         --model /tmp/zero123-xl --out tests/bench/results.json
 
-Appends one run per (video, mode) to results.json and rewrites results.md from it.
+"eager" is the baseline (guidance.optimize=false, guidance.encode_chunk=0); "optimized" sets
+guidance.optimize=true, guidance.compile_mode and guidance.encode_chunk (default 8: stage 1's 16
+views and stage 2's 40 go through the VAE encoder 8 at a time).  Several modes run one after
+another, each in its own process, so neither inherits the other's compiled code, cuDNN settings
+or allocations.  The eager run also checks on the device that chunked SDS gives the unchunked
+loss and image gradient.
+
+Appends one run per (video, mode) to results.json and rewrites the table of results.md from it
+(what follows the table's command list, from the first "## " heading on, is kept).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,6 +42,8 @@ from backend.cameras import input_camera  # noqa: E402
 from backend.config import load_config  # noqa: E402
 from backend.data import load_reference_layout  # noqa: E402
 from backend.guidance.zero123 import make_guidance  # noqa: E402
+
+MODES = ("eager", "optimized")
 
 
 class StepClock:
@@ -75,13 +88,22 @@ def run_video(args, video_name: str) -> dict:
         f"stage2.placement_iters={args.steps}",
         f"stage2.joint_iters={args.steps}",
         f"guidance.model={args.model}",
-        f"guidance.optimize={'true' if args.mode == 'optimized' else 'false'}",
     ]
+    if args.mode == "optimized":
+        overrides += [
+            "guidance.optimize=true",
+            f"guidance.compile_mode={args.compile_mode}",
+            f"guidance.encode_chunk={args.encode_chunk}",
+        ]
+    else:
+        overrides += ["guidance.optimize=false", "guidance.encode_chunk=0"]
+        torch.backends.cudnn.benchmark = False
     config = load_config(args.preset, overrides)
     # Progress every step so the clock sees each one.
     stage1.report_every = lambda total: 1
     stage2.report_every = lambda total: 1
     guidance = make_guidance(config.guidance, device)
+    check = chunk_check(guidance, args.encode_chunk, device) if args.mode == "eager" else None
     per_object = []
     baked = {}
     for k, object_id in enumerate(video.object_ids):
@@ -151,8 +173,10 @@ def run_video(args, video_name: str) -> dict:
     return {
         "card": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "date": datetime.date.today().isoformat(),
-        "command": " ".join(sys.argv),
+        "command": os.environ.get("BENCH_COMMAND") or " ".join(sys.argv),
         "mode": args.mode,
+        "compile_mode": config.guidance.compile_mode if config.guidance.optimize else None,
+        "encode_chunk": config.guidance.encode_chunk,
         "preset": args.preset,
         "video": video_name,
         "objects": len(video.object_ids),
@@ -166,7 +190,48 @@ def run_video(args, video_name: str) -> dict:
         "peak_gb": float(max(o["peak_gb"] for o in per_object)),
         "render_fps_512": fps,
         "per_object": per_object,
+        **({"chunk_check": check} if check is not None else {}),
     }
+
+
+def chunk_check(guidance, chunk: int, device, n: int = 16) -> dict:
+    """Chunked against unchunked SDS on this device and dtype: loss and image gradient, with the
+    same noise and the posterior-mode latent.  Leaves the guidance as it was."""
+    if guidance is None or chunk <= 0 or chunk >= n:
+        return {}
+    gen = torch.Generator(device=device).manual_seed(0)
+    guidance.set_references(torch.rand(2, 3, 256, 256, device=device, generator=gen))
+    images = torch.rand(n, 3, 256, 256, device=device, generator=gen)
+    noise = torch.randn(n, 4, 32, 32, device=device, generator=gen)
+    args = (torch.linspace(-30, 30, n), torch.linspace(-180, 180, n), torch.zeros(n), 0.3)
+    index = torch.arange(n, device=device) % 2
+    saved = (guidance.cfg.encode_chunk, guidance.cfg.rendered_latent)
+    guidance.cfg.rendered_latent = "mode"
+    out = {}
+    for c in (0, chunk):
+        guidance.cfg.encode_chunk = c
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        x = images.clone().requires_grad_(True)
+        loss, _ = guidance.sds_loss(x, *args, reference_index=index, noise=noise)
+        loss.backward()
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+        out[c] = (float(loss), x.grad.detach().float(), peak)
+    guidance.cfg.encode_chunk, guidance.cfg.rendered_latent = saved
+    (l0, g0, p0), (l1, g1, p1) = out[0], out[chunk]
+    result = {
+        "views": n,
+        "encode_chunk": chunk,
+        "loss": l0,
+        "loss_rel_diff": abs(l1 - l0) / max(abs(l0), 1e-30),
+        "grad_max_abs": float(g0.abs().max()),
+        "grad_max_abs_diff": float((g1 - g0).abs().max()),
+        "grad_rel_l2_diff": float((g1 - g0).norm() / g0.norm().clamp_min(1e-30)),
+        "peak_gb_unchunked": p0,
+        "peak_gb_chunked": p1,
+    }
+    print(json.dumps({"chunk_check": result}), flush=True)
+    return result
 
 
 def render_fps(baked: dict, width: int, height: int, device, repeats: int = 200) -> float:
@@ -190,24 +255,43 @@ def render_fps(baked: dict, width: int, height: int, device, repeats: int = 200)
     return repeats / (time.perf_counter() - t0)
 
 
+def _mode_label(r: dict) -> str:
+    if r["mode"] != "optimized" or "encode_chunk" not in r:
+        return r["mode"]
+    parts = [r["mode"]]
+    if r.get("compile_mode") not in (None, "default"):
+        parts.append(r["compile_mode"])
+    if r.get("encode_chunk"):
+        parts.append(f"chunk {r['encode_chunk']}")
+    return ", ".join(parts)
+
+
 def write_markdown(results: dict, path: Path) -> None:
+    kept = ""
+    if path.is_file():
+        old = path.read_text()
+        at = old.find("\n## ")
+        kept = old[at:] if at >= 0 else ""
     lines = [
         "# Benchmark results",
         "",
         "Full preset, full-size random-weight Zero123 (Zero123-XL architecture). Stage times are",
         "extrapolated from the timed steps after warm-up to the preset's step counts (marked *).",
+        '"optimized, chunk 8": guidance.optimize=true with guidance.encode_chunk=8 (SDS over 8 views',
+        "at a time); earlier optimized rows encode all views at once.",
         "",
         "| card | date | mode | video | objects | frames | stage 1 s/object* | stage 2 s/object* | total s* | peak GB | render FPS 512 |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["runs"]:
         lines.append(
-            f"| {r['card']} | {r['date']} | {r['mode']} | {r['video']} | {r['objects']} | {r['frames']} | "
+            f"| {r['card']} | {r['date']} | {_mode_label(r)} | {r['video']} | {r['objects']} | {r['frames']} | "
             f"{r['stage1_s_per_object']:.1f} | {r['stage2_s_per_object']:.1f} | {r['total_s']:.1f} | "
             f"{r['peak_gb']:.1f} | {r['render_fps_512']:.0f} |"
         )
-    lines += ["", "Commands:", ""] + sorted({f"    {r['command']}" for r in results["runs"]})
-    path.write_text("\n".join(lines) + "\n")
+    commands = list(dict.fromkeys(f"    {r['command']}" for r in results["runs"]))
+    lines += ["", "Commands:", ""] + commands
+    path.write_text("\n".join(lines) + "\n" + kept)
 
 
 def main() -> int:
@@ -218,7 +302,20 @@ def main() -> int:
     parser.add_argument(
         "--model", required=True, help="Zero123 folder (e.g. from backend.guidance.random_model --size xl)"
     )
-    parser.add_argument("--mode", default="optimized", choices=["optimized", "eager"])
+    parser.add_argument(
+        "--mode",
+        default="optimized",
+        help="eager, optimized, or several comma-separated (each in its own process, in order)",
+    )
+    parser.add_argument(
+        "--encode-chunk", type=int, default=8, help="optimized mode: guidance.encode_chunk (0 = all views)"
+    )
+    parser.add_argument(
+        "--compile-mode",
+        default="default",
+        choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+        help="optimized mode: guidance.compile_mode",
+    )
     parser.add_argument("--steps", type=int, default=60, help="timed steps per phase")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument(
@@ -226,6 +323,19 @@ def main() -> int:
     )
     parser.add_argument("--out", default=str(REPO / "tests" / "bench" / "results.json"))
     args = parser.parse_args()
+    modes = args.mode.split(",")
+    if any(m not in MODES for m in modes):
+        parser.error(f"--mode takes {', '.join(MODES)} or a comma-separated list of them, not {args.mode!r}")
+    if len(modes) > 1:
+        failed = 0
+        for mode in modes:
+            argv = [sys.executable, __file__, "--data", args.data, "--videos", args.videos]
+            argv += ["--preset", args.preset, "--model", args.model, "--mode", mode]
+            argv += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--out", args.out]
+            argv += ["--encode-chunk", str(args.encode_chunk), "--compile-mode", args.compile_mode]
+            argv += ["--stage1-only"] if args.stage1_only else []
+            failed += subprocess.run(argv).returncode != 0
+        return 1 if failed else 0
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.is_file() else {"runs": []}
     for name in args.videos.split(","):
@@ -234,6 +344,9 @@ def main() -> int:
         out.write_text(json.dumps(results, indent=2))
         write_markdown(results, out.with_suffix(".md"))
         print(json.dumps({k: v for k, v in run.items() if k != "per_object"}), flush=True)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     return 0
 
 
