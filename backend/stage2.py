@@ -262,11 +262,11 @@ def animate_object(
     # ---- bake and measure --------------------------------------------------------------------
     with torch.no_grad():
         means, log_s, quats = deform(list(range(T)))
-        s = placement.scale[:, None, None]
+        placed = [placement.apply(means[t], log_s[t].exp(), t) for t in range(T)]
         baked = {
-            "means": (means * s + placement.translation[:, None, :]).float().cpu(),
+            "means": torch.stack([m for m, _ in placed]).float().cpu(),
             "quats": F.normalize(quats, dim=-1).float().cpu(),
-            "scales": (log_s.exp() * s).float().cpu(),
+            "scales": torch.stack([s for _, s in placed]).float().cpu(),
             "opacities": can["opacities"].float().cpu(),
             "colors": can["colors"].float().cpu(),
         }
