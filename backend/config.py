@@ -93,9 +93,11 @@ class Stage2Config:
     placement_lr: float = 1e-3
     placement_lr_final: float = 2e-5
     placement_loss_weights: dict[str, float] = field(default_factory=lambda: {"rgb": 1000.0, "mask": 100.0})
-    # "projective" (ours): the video camera sees each placed object exactly as the crop camera
-    # did (backend/motion/placement.py); "similarity": translation and uniform scale, as published.
-    placement_model: typing.Literal["projective", "similarity"] = "projective"
+    # "ray_aligned" (ours): uniform scale, depth offsets along the ray through the object's centre;
+    # "projective": the video camera sees each placed object exactly as the crop camera did, at
+    # the cost of a depth stretch; "similarity": translation and uniform scale, as published.
+    # backend/motion/placement.py gives the measurements.
+    placement_model: typing.Literal["ray_aligned", "projective", "similarity"] = "ray_aligned"
     joint_iters: int = 100
     joint_lr_factor: float = 0.1
     deformation: DeformationConfig = field(default_factory=DeformationConfig)

@@ -217,9 +217,12 @@ def animate_object(
     scales_t = np.array([win.side / H for win in track.windows])
     centres = np.array([[win.centre_x, win.centre_y] for win in track.windows])
     translation0 = full_cam.unproject(centres, np.full(T, 2.0))
-    projective = {"camera_center": full_cam.center, "camera_forward": full_cam.c2w[:3, 2]}
     placement = FramePlacement(
-        translation0, scales_t, **(projective if cfg.placement_model == "projective" else {})
+        translation0,
+        scales_t,
+        camera_center=full_cam.center,
+        camera_forward=full_cam.c2w[:3, 2],
+        mode=cfg.placement_model,
     ).to(device)
     with torch.no_grad():
         frozen = deform(list(range(T)))

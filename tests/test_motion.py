@@ -380,7 +380,7 @@ def _crop_view_in_frame(points: np.ndarray, window) -> np.ndarray:
 
 
 @pytest.mark.parametrize("centre", [(296.5, 82.0), (40.0, 230.0), (192.0, 128.0)])
-def test_projective_placement_reproduces_the_crop_view(centre):
+def test_placements_against_the_crop_view(centre):
     from backend.cameras import input_camera
     from backend.crop import CropWindow
 
@@ -391,18 +391,27 @@ def test_projective_placement_reproduces_the_crop_view(centre):
     expected = _crop_view_in_frame(points, window)
     translation = video_cam.unproject(np.array([centre]), np.array([2.0]))
     scale = np.array([window.side / H])
-    projective = FramePlacement(
-        translation, scale, camera_center=video_cam.center, camera_forward=video_cam.c2w[:3, 2]
-    )
-    similarity = FramePlacement(translation, scale)
+    camera = {"camera_center": video_cam.center, "camera_forward": video_cam.c2w[:3, 2]}
     means = torch.as_tensor(points, dtype=torch.float32)
-    errors = {}
-    for name, placement in (("projective", projective), ("similarity", similarity)):
+    errors, shapes = {}, {}
+    for mode in ("projective", "ray_aligned", "similarity"):
+        placement = FramePlacement(translation, scale, mode=mode, **camera)
         world, _ = placement.apply(means, torch.full_like(means, 0.01), 0)
-        uv, _ = video_cam.project(world.detach().double().numpy())
-        errors[name] = np.abs(uv - expected).max()
+        world = world.detach().double().numpy()
+        uv, _ = video_cam.project(world)
+        errors[mode] = np.abs(uv - expected).max()
+        shapes[mode] = np.ptp(world @ video_cam.c2w[:3, 2])  # the object's depth along the optical axis
     assert errors["projective"] < 1e-3
-    # the published similarity placement leaves the near and far parts apart by several pixels
+    # the published similarity placement leaves the near and far parts apart by several pixels;
+    # sliding along the centre's ray removes most of that without changing the object's shape
     assert errors["similarity"] > 2.0
-    with pytest.raises(ValueError, match="both camera_center and camera_forward"):
-        FramePlacement(translation, scale, camera_center=video_cam.center)
+    assert errors["ray_aligned"] <= errors["similarity"] + 1e-6
+    if centre != (192.0, 128.0):  # off-centre
+        assert errors["ray_aligned"] < 0.4 * errors["similarity"]
+    # ray_aligned keeps the uniformly scaled object's depth; projective stretches it by 1 / scale
+    assert shapes["ray_aligned"] == pytest.approx(shapes["similarity"], rel=1e-5)
+    assert shapes["projective"] == pytest.approx(shapes["similarity"] / scale[0], rel=1e-4)
+    with pytest.raises(ValueError, match="needs both camera_center and camera_forward"):
+        FramePlacement(translation, scale, mode="ray_aligned", camera_center=video_cam.center)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        FramePlacement(translation, scale, mode="affine")
