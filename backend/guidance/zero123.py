@@ -641,35 +641,19 @@ class Zero123Guidance:
         With `encode_chunk` > 0 and more views than that, the views go through the VAE encoder and
         the UNet a chunk at a time (see `_chunked_sds_loss`); loss value and gradient are the same.
         """
+        views = (d_elevation_deg, d_azimuth_deg, d_radius, step_ratio)
+        options = {
+            "reference_index": reference_index,
+            "t_range": t_range,
+            "anneal": anneal,
+            "noise": noise,
+            "generator": generator,
+            "reduction": reduction,
+        }
         chunk = self.cfg.encode_chunk
         if chunk > 0 and rendered.shape[0] > chunk:
-            return self._chunked_sds_loss(
-                rendered,
-                d_elevation_deg,
-                d_azimuth_deg,
-                d_radius,
-                step_ratio,
-                reference_index=reference_index,
-                t_range=t_range,
-                anneal=anneal,
-                noise=noise,
-                generator=generator,
-                reduction=reduction,
-            )
-        latents = self.encode_rendered(rendered, generator)
-        return self.sds_loss_from_latents(
-            latents,
-            d_elevation_deg,
-            d_azimuth_deg,
-            d_radius,
-            step_ratio,
-            reference_index=reference_index,
-            t_range=t_range,
-            anneal=anneal,
-            noise=noise,
-            generator=generator,
-            reduction=reduction,
-        )
+            return self._chunked_sds_loss(rendered, *views, **options)
+        return self.sds_loss_from_latents(self.encode_rendered(rendered, generator), *views, **options)
 
     def _chunked_sds_loss(
         self,
