@@ -107,9 +107,16 @@ class ServerProcess:
                     continue
         raise AssertionError(f"server did not answer within {timeout}s: {self.read_log()}")
 
-    def read_log(self) -> str:
+    def read_log(self, tail: int = 3000) -> str:
         self.log.flush()
-        return Path(self.log.name).read_text()[-3000:]
+        return Path(self.log.name).read_text()[-tail:]
+
+    def stacks(self) -> str:
+        """The server's log ending with every thread's stack (the server dumps them on SIGUSR1)."""
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGUSR1)
+            time.sleep(2.0)
+        return f"server log and thread stacks:\n{self.read_log(12000)}"
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -484,6 +491,13 @@ def test_fuzzed_messages_leave_the_server_answering(server, client):
 # ----------------------------------------------------------------------------- crash and resume
 
 
+def test_sigusr1_dumps_thread_stacks_and_keeps_serving(server, client):
+    before = len(server.read_log(10**7))
+    dump = server.stacks()[-(len(server.read_log(10**7)) - before) :]
+    assert "most recent call first" in dump and "serve_forever" in dump
+    assert client.hello()["server"]
+
+
 def test_sigkill_during_stage2_resumes_from_stage1_checkpoints(tmp_path, tiny_video):
     video = one_object(tiny_video(num_frames=3, name="crash"))
     state = tmp_path / "state"
@@ -503,7 +517,7 @@ def test_sigkill_during_stage2_resumes_from_stage1_checkpoints(tmp_path, tiny_vi
     assert len(static_mtimes) == 1
     assert json.loads((state / "jobs" / job / "state.json").read_text())["state"] == "running"
 
-    second = ServerProcess(state)
+    second = ServerProcess(state, extra=("--log-level", "INFO"))
     try:
         second.wait_ready()
         with BackendClient(second.endpoint) as client:
@@ -518,8 +532,14 @@ def test_sigkill_during_stage2_resumes_from_stage1_checkpoints(tmp_path, tiny_vi
             assert (checkpoints / "001" / "motion.pt").is_file()
             assert (state / "jobs" / job / "out" / "scene.json").is_file()
             # A loaded machine can take a while to wind the worker down after a finished job.
-            client.request("shutdown", {}, timeout=60.0)
-        assert second.proc.wait(60) == 0
+            try:
+                client.request("shutdown", {}, timeout=60.0)
+            except BackendUnavailable as exc:
+                raise AssertionError(f"{exc}; {second.stacks()}") from None
+        try:
+            assert second.proc.wait(60) == 0, second.read_log()
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"server still running 60 s after shutdown; {second.stacks()}") from None
     finally:
         second.stop()
 
