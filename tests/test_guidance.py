@@ -18,6 +18,7 @@ from backend.guidance import (
     make_guidance,
 )
 from backend.guidance.random_model import build_random_zero123
+from backend.guidance.zero123 import compile_modes
 
 
 @pytest.fixture(scope="module")
@@ -206,6 +207,17 @@ def test_encode_chunk_and_compile_mode_are_validated(tiny_model):
         make_guidance(GuidanceConfig(model=str(tiny_model), encode_chunk=-1), "cpu")
     with pytest.raises(InputError, match="guidance.compile_mode"):
         GuidanceConfig(compile_mode="fast").validate()
+
+
+def test_compile_modes_per_module():
+    # (UNet, VAE encoder): "auto" CUDA-graphs the forward-only UNet and compiles the encoder
+    # (forward + backward) plainly; any other mode applies to both.
+    assert GuidanceConfig().compile_mode == "auto"
+    assert compile_modes("auto") == ("reduce-overhead", "default")
+    assert compile_modes("default") == ("default", "default")
+    assert compile_modes("max-autotune-no-cudagraphs") == ("max-autotune-no-cudagraphs",) * 2
+    with pytest.raises(InputError, match="guidance.compile_mode"):
+        compile_modes("fast")
 
 
 def test_timestep_anneal_schedules():

@@ -313,9 +313,9 @@ def main() -> int:
     )
     parser.add_argument(
         "--compile-mode",
-        default="default",
-        choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
-        help="optimized mode: guidance.compile_mode",
+        default="auto",
+        choices=["auto", "default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+        help="optimized mode: guidance.compile_mode (auto: UNet with CUDA graphs, encoder default)",
     )
     parser.add_argument("--steps", type=int, default=60, help="timed steps per phase")
     parser.add_argument("--warmup", type=int, default=10)
