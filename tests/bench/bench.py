@@ -167,6 +167,11 @@ def run_video(args, video_name: str) -> dict:
                 "measured_s": {"stage1": t1 - t0, "stage2": t2 - t1},
                 "peak_gb": peak,
                 "static_psnr": result.metrics["psnr"],
+                **(
+                    {}
+                    if args.stage1_only
+                    else {"motion_psnr": motion["metrics"]["psnr"], "motion_iou": motion["metrics"]["iou"]}
+                ),
             }
         )
         print(json.dumps(per_object[-1]), flush=True)
