@@ -100,6 +100,11 @@ class Stage2Config:
     placement_model: typing.Literal["ray_aligned", "projective", "similarity"] = "ray_aligned"
     joint_iters: int = 100
     joint_lr_factor: float = 0.1
+    # Departure, off in the published presets: phase C may also fine-tune the canonical colours
+    # (one colour per Gaussian, shared by all frames) at this learning rate.  Without a prior
+    # (guidance none) nothing else colours the sides an object turns towards the camera after
+    # frame 0; the video itself shows them.  0 keeps the canonical Gaussians frozen.
+    joint_color_lr: float = 0.0
     deformation: DeformationConfig = field(default_factory=DeformationConfig)
 
 

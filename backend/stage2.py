@@ -137,13 +137,16 @@ def animate_object(
         )
         return means.view(rep, n, 3), log_s.view(rep, n, 3), quats.view(rep, n, 4)
 
+    # Phase C may refine the colours (stage2.joint_color_lr); until then they are stage 1's.
+    color_logits = canonical.color_logits.detach().clone()
+
     def gaussians(means, log_s, quats) -> dict:
         return {
             "means": means,
             "quats": quats,
             "scales": log_s.exp(),
             "opacities": can["opacities"],
-            "colors": can["colors"],
+            "colors": torch.sigmoid(color_logits),
         }
 
     # ---- phase A: deformation in the object-centric frame ---------------------------------------
@@ -242,11 +245,13 @@ def animate_object(
         progress(step, losses)
 
     # ---- phase C: joint fine-tuning in the world frame ------------------------------------------
-    opt_c = torch.optim.Adam(
-        field.param_groups(cfg.deformation, lr_scale=cfg.joint_lr_factor)
-        + [{"params": [placement.translation], "lr": cfg.placement_lr_final, "name": "translation"}],
-        eps=1e-15,
-    )
+    groups_c = field.param_groups(cfg.deformation, lr_scale=cfg.joint_lr_factor) + [
+        {"params": [placement.translation], "lr": cfg.placement_lr_final, "name": "translation"}
+    ]
+    if cfg.joint_color_lr > 0:
+        color_logits.requires_grad_(True)
+        groups_c.append({"params": [color_logits], "lr": cfg.joint_color_lr, "name": "colors"})
+    opt_c = torch.optim.Adam(groups_c, eps=1e-15)
     progress = Progress(emit, object_id, "joint", cfg.joint_iters)
     for step in range(cfg.joint_iters):
         check_stop(should_stop, object_id, "joint", step)
@@ -263,6 +268,10 @@ def animate_object(
         progress(step, losses)
 
     # ---- bake and measure --------------------------------------------------------------------
+    canonical_state = static_ckpt["gaussians"]
+    if cfg.joint_color_lr > 0:  # a new state: the static checkpoint's tensors stay untouched
+        params = {**canonical_state["params"], "color_logits": color_logits.detach().cpu().clone()}
+        canonical_state = {**canonical_state, "params": params}
     with torch.no_grad():
         means, log_s, quats = deform(list(range(T)))
         placed = [placement.apply(means[t], log_s[t].exp(), t) for t in range(T)]
@@ -271,7 +280,7 @@ def animate_object(
             "quats": F.normalize(quats, dim=-1).float().cpu(),
             "scales": torch.stack([s for _, s in placed]).float().cpu(),
             "opacities": can["opacities"].float().cpu(),
-            "colors": can["colors"].float().cpu(),
+            "colors": torch.sigmoid(color_logits).float().cpu(),
         }
         per_frame = []
         for t in range(T):
@@ -300,7 +309,7 @@ def animate_object(
     return {
         "format": "dreamscene4d-motion",
         "version": 1,
-        "gaussians": static_ckpt["gaussians"],
+        "gaussians": canonical_state,
         "deformation": {k2: v.detach().cpu() for k2, v in field.state_dict().items()},
         "placement": {
             "translation": placement.translation.detach().cpu().numpy(),

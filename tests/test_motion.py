@@ -415,3 +415,40 @@ def test_placements_against_the_crop_view(centre):
         FramePlacement(translation, scale, mode="ray_aligned", camera_center=video_cam.center)
     with pytest.raises(ValueError, match="mode must be one of"):
         FramePlacement(translation, scale, mode="affine")
+
+
+def test_phase_c_colour_refinement_is_opt_in(tiny_video):
+    from backend.config import load_config
+    from backend.data import load_reference_layout
+    from backend.gaussians import GaussianModel
+    from backend.stage2 import animate_object
+
+    tiny = tiny_video(num_frames=3)
+    video = load_reference_layout(tiny.root, tiny.name)
+    state = GaussianModel.random_ball(300, 0.5, torch.Generator().manual_seed(0)).state()
+    short = [
+        "crop_size=48",
+        "stage1.placement_max_side=64",
+        "stage2.steps_per_frame=1",
+        "stage2.placement_iters=5",
+        "stage2.joint_iters=15",
+        "stage2.knn=4",
+        "stage2.deformation.spatial_resolutions=[8]",
+        "stage2.deformation.plane_channels=4",
+    ]
+    grey = torch.sigmoid(state["params"]["color_logits"])
+
+    frozen = animate_object(
+        video, 0, {"gaussians": state}, load_config("cpu-demo", short), torch.device("cpu")
+    )
+    assert torch.equal(frozen["baked"]["colors"], grey)
+    assert frozen["gaussians"] is state
+
+    config = load_config("cpu-demo", [*short, "stage2.joint_color_lr=0.05"])
+    refined = animate_object(video, 0, {"gaussians": state}, config, torch.device("cpu"))
+    colours = refined["baked"]["colors"]
+    assert (colours - grey).abs().max() > 0.05  # the grey start moved towards the video's colours
+    # The canonical state carries the refined colours too, so everything that reads it agrees.
+    assert torch.allclose(torch.sigmoid(refined["gaussians"]["params"]["color_logits"]), colours, atol=1e-6)
+    assert torch.equal(state["params"]["color_logits"], torch.logit(grey))  # the input is untouched
+    assert refined["metrics"]["psnr"] > frozen["metrics"]["psnr"] + 1.0
