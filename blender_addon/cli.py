@@ -178,17 +178,22 @@ def call(link, name: str, arguments: dict, timeout: float):
     return message.data
 
 
+def _event_subject(event: dict) -> str:
+    # Composition works on the whole scene: its events carry no object id.
+    return "scene" if event.get("object") is None else str(event["object"])
+
+
 def _print_progress(settings, message) -> None:
     if message.kind == "event" and message.data.get("job") == settings.job_id:
         event = message.data.get("event", {}) or {}
         if event.get("type") == "progress":
             losses = ", ".join(f"{k} {v:.4g}" for k, v in sorted((event.get("losses") or {}).items()))
             _say(
-                f"{event.get('object')} {event.get('stage')} {event.get('phase', '')} "
+                f"{_event_subject(event)} {event.get('stage')} {event.get('phase', '')} "
                 f"{event.get('step')}/{event.get('total')} eta {event.get('eta_s', 0):.0f}s {losses}"
             )
         elif event.get("type") == "stage_done":
-            _say(f"{event.get('object')} {event.get('stage')} done in {event.get('seconds', 0):.1f}s")
+            _say(f"{_event_subject(event)} {event.get('stage')} done in {event.get('seconds', 0):.1f}s")
         elif event.get("type") == "log":
             _say(str(event.get("message")))
     elif message.kind == "connection":

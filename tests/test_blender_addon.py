@@ -503,6 +503,7 @@ def test_background_cli_runs_end_to_end_against_a_real_backend(tmp_path):
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-4000:]
     assert "static done" in log and "motion done" in log and "stopped backend" in log
+    assert "scene compose done" in log and "[dreamscene4d] None" not in log  # scene-wide events named
     assert (out / "scene.blend").is_file() and (out / "scene" / "scene.json").is_file()
     for path in ("fixed", "orbit_horizontal", "orbit_elevation"):
         blender_frames = sorted((out / "renders" / f"blender_{path}").glob("*.png"))
