@@ -57,6 +57,14 @@ def test_default_config_matches_method():
     assert torch.all(xt == 1.0)
 
 
+def test_published_presets_keep_the_canonical_gaussians_frozen():
+    from backend.config import load_config
+
+    # Colour refinement in phase C is a departure for the prior-free preset only.
+    assert load_config("full").stage2.joint_color_lr == 0 and load_config("lite").stage2.joint_color_lr == 0
+    assert load_config("cpu-demo").stage2.joint_color_lr > 0
+
+
 def test_identity_at_start():
     field = DeformationField(num_frames=7, cfg=SMALL)
     means, log_scales, quats = random_gaussians(300)
@@ -438,9 +446,8 @@ def test_phase_c_colour_refinement_is_opt_in(tiny_video):
     ]
     grey = torch.sigmoid(state["params"]["color_logits"])
 
-    frozen = animate_object(
-        video, 0, {"gaussians": state}, load_config("cpu-demo", short), torch.device("cpu")
-    )
+    config = load_config("cpu-demo", [*short, "stage2.joint_color_lr=0"])
+    frozen = animate_object(video, 0, {"gaussians": state}, config, torch.device("cpu"))
     assert torch.equal(frozen["baked"]["colors"], grey)
     assert frozen["gaussians"] is state
 
