@@ -321,7 +321,7 @@ class BackendServer:
         """Answer what still arrives with a `conflict` error until `deadline`.
 
         Without this pause, on a loaded machine the reply to `shutdown` sometimes never reached
-        its client (1 of 3 test runs beside a CPU hog; 0 of 6 with it), although the server had
+        its client (1 of 3 test runs beside a CPU hog; 0 of 12 with it), although the server had
         queued it and closed with a linger.  The likely cause is the process exiting before the
         client read the reply, with the kernel resetting the connection.
         """
