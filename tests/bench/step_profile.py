@@ -309,17 +309,16 @@ def instrument(guidance, marks: Marks, eager_encoder) -> contextlib.ExitStack:
     sds_loss = guidance.sds_loss
     set_references = guidance.set_references
 
-    def render_views_m(*args, **kwargs):
-        marks("render")
-        out = render_views(*args, **kwargs)
-        marks("glue")
-        return out
+    def between(region: str, fn, after: str):
+        """`fn` with the time from its call counted to `region` and what follows to `after`."""
 
-    def sample_novel_cameras_m(*args, **kwargs):
-        marks("cameras")
-        out = sample_novel_cameras(*args, **kwargs)
-        marks("glue")
-        return out
+        def marked(*args, **kwargs):
+            marks(region)
+            out = fn(*args, **kwargs)
+            marks(after)
+            return out
+
+        return marked
 
     def make_optimizer_m(*args, **kwargs):
         optimizer = make_optimizer(*args, **kwargs)
@@ -339,12 +338,6 @@ def instrument(guidance, marks: Marks, eager_encoder) -> contextlib.ExitStack:
         marks.enabled = False
         return final_prune(*args, **kwargs)
 
-    def backward_m(self, *args, **kwargs):
-        marks("backward_head")
-        out = backward(self, *args, **kwargs)
-        marks("densify_stats")
-        return out
-
     def encode_rendered_m(rendered, generator=None):
         marks("vae_enc_fwd")
         z = encode_rendered(rendered, generator)
@@ -355,18 +348,6 @@ def instrument(guidance, marks: Marks, eager_encoder) -> contextlib.ExitStack:
         marks.strides = tuple(rendered.stride())
         marks("sds_glue")
         return z
-
-    def predict_noise_m(latent_in, t, encoder_hidden_states):
-        marks("unet")
-        out = predict_noise(latent_in, t, encoder_hidden_states)
-        marks("sds_glue")
-        return out
-
-    def sds_loss_m(*args, **kwargs):
-        marks("sds_glue")
-        out = sds_loss(*args, **kwargs)
-        marks("glue")
-        return out
 
     def set_references_m(images):
         # Once per object, outside the timed loop: run it on the eager encoder so the compiled one
@@ -379,14 +360,14 @@ def instrument(guidance, marks: Marks, eager_encoder) -> contextlib.ExitStack:
             guidance.vae.encoder = compiled
 
     for obj, name, value in (
-        (stage1, "render_views", render_views_m),
-        (stage1, "sample_novel_cameras", sample_novel_cameras_m),
+        (stage1, "render_views", between("render", render_views, "glue")),
+        (stage1, "sample_novel_cameras", between("cameras", sample_novel_cameras, "glue")),
         (stage1, "make_optimizer", make_optimizer_m),
         (stage1, "final_prune", final_prune_m),
-        (torch.Tensor, "backward", backward_m),
+        (torch.Tensor, "backward", between("backward_head", backward, "densify_stats")),
         (guidance, "encode_rendered", encode_rendered_m),
-        (guidance, "predict_noise", predict_noise_m),
-        (guidance, "sds_loss", sds_loss_m),
+        (guidance, "predict_noise", between("unet", predict_noise, "sds_glue")),
+        (guidance, "sds_loss", between("sds_glue", sds_loss, "glue")),
         (guidance, "set_references", set_references_m),
     ):
         stack.enter_context(patched(obj, name, value))
