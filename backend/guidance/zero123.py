@@ -140,10 +140,7 @@ class GuidanceConfig:
             raise InputError(f"guidance.guidance_scale={self.guidance_scale} must be >= 0")
         if self.image_size <= 0 or self.image_size % 8:
             raise InputError(f"guidance.image_size={self.image_size} must be a positive multiple of 8")
-        if self.compile_mode not in COMPILE_MODES:
-            raise InputError(
-                f"guidance.compile_mode={self.compile_mode!r} is not one of {', '.join(COMPILE_MODES)}"
-            )
+        compile_modes(self.compile_mode)  # raises on an unknown mode
         if (
             isinstance(self.encode_chunk, bool)
             or not isinstance(self.encode_chunk, int)

@@ -99,11 +99,12 @@ class FramePlacement(nn.Module):
             return means * s + c, scales * s
         n = self.camera_forward
         offset = means * s
-        depth = offset @ n
         if self.mode == "projective":
             # Depth offsets keep the crop camera's perspective: unscaled, where lateral ones get s.
             depth = means @ n
             offset = offset + (depth[:, None] * (1 - s)) * n
+        else:
+            depth = offset @ n
         ray = c - self.camera_center
         ray = ray / (ray * n).sum(-1, keepdim=True)
         # Sliding by the depth offset along the centre's ray instead of the optical axis removes
