@@ -105,6 +105,13 @@ class Stage2Config:
     # (guidance none) nothing else colours the sides an object turns towards the camera after
     # frame 0; the video itself shows them.  0 keeps the canonical Gaussians frozen.
     joint_color_lr: float = 0.0
+    # Departure, off in the published presets: phase C may also fine-tune the canonical
+    # opacities and log-scales at this learning rate, so Gaussians fitted on a small crop can
+    # sharpen against the full frames.  0 keeps them frozen.
+    joint_shape_lr: float = 0.0
+    # Long side (px) of the full frames that phase C fits; 0 uses stage1.placement_max_side, as
+    # phase B does.
+    joint_max_side: int = 0
     deformation: DeformationConfig = field(default_factory=DeformationConfig)
 
 
@@ -215,6 +222,10 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
             + ", ".join(sorted(types_))
         )
     kwargs = {name: _coerce(value, types_[name], prefix + name) for name, value in values.items()}
+    for name, value in kwargs.items():
+        # A negative learning rate would climb the loss; 0 is how a preset turns a group off.
+        if name.endswith("_lr") and isinstance(value, float) and value < 0:
+            raise InputError(f"config key '{prefix}{name}' is a learning rate and must be >= 0, got {value}")
     return cls(**kwargs)
 
 
@@ -223,7 +234,14 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise InputError(f"override '{text}' must look like key=value, e.g. stage1.iters=300")
     key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw)
+    value = yaml.safe_load(raw)
+    if isinstance(value, str):
+        # YAML 1.1 reads "1e-3" (no dot) as a string; on a command line it means the number.
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    return key.strip(), value
 
 
 def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

@@ -35,19 +35,19 @@ from backend.motion.regularizers import (
     neighbour_weights,
     scale_deviation_loss,
 )
-from backend.raster import rasterize
-from backend.stage1 import StepTimer, render_views, report_every
+from backend.raster import rasterize_batch
+from backend.stage1 import WHITE, StepTimer, render_views, report_every
 
 PHASE_A_LOSSES = ("rgb", "mask", "flow", "scale_deviation", "scale_consistency", "rigidity")
 
 
 def project(means: torch.Tensor, camera: Camera) -> torch.Tensor:
-    """World points [N,3] -> pixel coordinates [N,2] (differentiable)."""
+    """World points [..., N, 3] -> pixel coordinates [..., N, 2] (differentiable)."""
     view = torch.as_tensor(camera.viewmat, dtype=means.dtype, device=means.device)
     K = torch.as_tensor(camera.K, dtype=means.dtype, device=means.device)
     cam = means @ view[:3, :3].T + view[:3, 3]
     uv = cam @ K.T
-    return uv[:, :2] / uv[:, 2:3].clamp_min(1e-6)
+    return uv[..., :2] / uv[..., 2:3].clamp_min(1e-6)
 
 
 class Progress:
@@ -126,7 +126,9 @@ def animate_object(
     field = DeformationField(T, cfg.deformation).to(device)
     neighbours, distances = knn(can["means"], cfg.knn)
     weights_nn = neighbour_weights(distances)
-    log_scales0 = canonical.log_scales
+    # Phase C may refine these (stage2.joint_shape_lr); until then they are stage 1's.
+    log_scales0 = canonical.log_scales.detach().clone()
+    opacity_logits = canonical.opacity_logits.detach().clone()
 
     def deform(times: list[int]):
         n = len(canonical)
@@ -145,11 +147,36 @@ def animate_object(
             "means": means,
             "quats": quats,
             "scales": log_s.exp(),
-            "opacities": can["opacities"],
+            "opacities": torch.sigmoid(opacity_logits),
             "colors": torch.sigmoid(color_logits),
         }
 
+    def frame_gaussians(means, log_s, quats) -> dict:
+        """One set of Gaussians per frame: deformed [F, N, ...] plus the shared appearance."""
+        n_frames = means.shape[0]
+        return {
+            "means": means,
+            "quats": quats,
+            "scales": log_s.exp(),
+            "opacities": torch.sigmoid(opacity_logits).expand(n_frames, -1),
+            "colors": torch.sigmoid(color_logits).expand(n_frames, -1, -1),
+        }
+
+    ref_viewmat, ref_K = stack_cameras([ref_cam], device)
+    white = torch.tensor(WHITE, dtype=torch.float32, device=device)
+
+    def render_reference(g: dict, colors=None, background=white):
+        n_frames = g["means"].shape[0]
+        return rasterize_batch(
+            g["means"], g["quats"], g["scales"], g["opacities"], g["colors"] if colors is None else colors,
+            ref_viewmat.expand(n_frames, -1, -1, -1), ref_K.expand(n_frames, -1, -1, -1),
+            crop_size, crop_size, background=background,
+        )  # fmt: skip
+
     # ---- phase A: deformation in the object-centric frame ---------------------------------------
+    # Every frame of a step is rendered in one batched call per kind of view (reference, flow,
+    # novel) and the regularisers run on all frames at once: a small render is launch-bound, so
+    # one call per frame cost more than the renders themselves on a GPU.
     active = list(PHASE_A_LOSSES) + (["sds"] if guidance is not None else [])
     weights = {n: w for n, w in cfg.loss_weights.items() if n in active}
     losses_a = WeightedLosses(weights, active, "stage2.loss_weights")
@@ -164,45 +191,39 @@ def animate_object(
         index = {t: i for i, t in enumerate(needed)}
         means, log_s, quats = deform(needed)
         losses: dict[str, torch.Tensor] = {}
+        sel = torch.tensor([index[t] for t in sample.frames], device=device)
+        g_sel = frame_gaussians(means[sel], log_s[sel], quats[sel])
+        out = render_reference(g_sel)
         rgb, mask = [], []
-        for t in sample.frames:
-            i = index[t]
-            out = render_views(gaussians(means[i], log_s[i], quats[i]), [ref_cam], device)
-            rgb.append(balanced_mse(out.color[0].permute(2, 0, 1), crops[t], crop_masks[t]))
-            mask.append(balanced_mse(out.alpha[0].permute(2, 0, 1), crop_masks[t], crop_masks[t]))
+        for j, t in enumerate(sample.frames):
+            rgb.append(balanced_mse(out.color[j, 0].permute(2, 0, 1), crops[t], crop_masks[t]))
+            mask.append(balanced_mse(out.alpha[j, 0].permute(2, 0, 1), crop_masks[t], crop_masks[t]))
         losses["rgb"] = torch.stack(rgb).mean()
         losses["mask"] = torch.stack(mask).mean()
-        flow_terms = []
-        for a, b in sample.flow_pairs:
-            ia, ib = index[a], index[b]
-            prev_px = project(means[ia].detach(), ref_cam)
-            now_px = project(means[ib], ref_cam)
-            disp = gaussian_displacement_colors(prev_px, now_px)
-            g_prev = gaussians(means[ia].detach(), log_s[ia].detach(), quats[ia].detach())
-            g_prev["colors"] = disp
-            viewmats, Ks = stack_cameras([ref_cam], device)
-            flow_img = rasterize(
-                g_prev["means"], g_prev["quats"], g_prev["scales"], g_prev["opacities"], disp,
-                viewmats, Ks, crop_size, crop_size, background=None,
-            ).color[0].permute(2, 0, 1)  # fmt: skip
-            flow_terms.append(flow_loss(flow_img, flows[a], crop_masks[a, 0], valid[a]))
-        losses["flow"] = torch.stack(flow_terms).mean() if flow_terms else means.new_zeros(())
-        sel = torch.tensor([index[t] for t in sample.frames], device=device)
+        if sample.flow_pairs:
+            prev = torch.tensor([index[a] for a, _ in sample.flow_pairs], device=device)
+            now = torch.tensor([index[b] for _, b in sample.flow_pairs], device=device)
+            disp = gaussian_displacement_colors(
+                project(means[prev].detach(), ref_cam), project(means[now], ref_cam)
+            )
+            g_prev = frame_gaussians(means[prev].detach(), log_s[prev].detach(), quats[prev].detach())
+            flow_imgs = render_reference(g_prev, colors=disp, background=None).color[:, 0].permute(0, 3, 1, 2)
+            losses["flow"] = torch.stack(
+                [
+                    flow_loss(flow_imgs[j], flows[a], crop_masks[a, 0], valid[a])
+                    for j, (a, _) in enumerate(sample.flow_pairs)
+                ]
+            ).mean()
+        else:
+            losses["flow"] = means.new_zeros(())
         d_log = log_s[sel] - log_scales0
         losses["scale_deviation"] = scale_deviation_loss(d_log)
-        losses["scale_consistency"] = torch.stack(
-            [local_scale_consistency_loss(d, neighbours, weights_nn) for d in d_log]
-        ).mean()
-        losses["rigidity"] = torch.stack(
-            [
-                local_rigidity_loss(can["means"], means[i], canonical.quats, quats[i], neighbours, weights_nn)
-                for i in sel.tolist()
-            ]
-        ).mean()
+        losses["scale_consistency"] = local_scale_consistency_loss(d_log, neighbours, weights_nn)
+        losses["rigidity"] = local_rigidity_loss(
+            can["means"], means[sel], canonical.quats, quats[sel], neighbours, weights_nn
+        )
         if guidance is not None:
-            losses["sds"] = sds_for_frames(
-                guidance, cfg, sample.frames, index, means, log_s, quats, gaussians, ratio, rng, device
-            )
+            losses["sds"] = sds_for_frames(guidance, cfg, sample.frames, g_sel, ratio, rng, device)
         total = losses_a.total(losses, scale={"rgb": ratio, "mask": ratio})
         optimizer.zero_grad(set_to_none=True)
         total.backward()
@@ -251,6 +272,16 @@ def animate_object(
     if cfg.joint_color_lr > 0:
         color_logits.requires_grad_(True)
         groups_c.append({"params": [color_logits], "lr": cfg.joint_color_lr, "name": "colors"})
+    if cfg.joint_shape_lr > 0:
+        log_scales0.requires_grad_(True)
+        opacity_logits.requires_grad_(True)
+        groups_c.append({"params": [log_scales0, opacity_logits], "lr": cfg.joint_shape_lr, "name": "shape"})
+    if cfg.joint_max_side and cfg.joint_max_side != max(w, h):
+        w_c, h_c = fit_long_side(W, H, cfg.joint_max_side)
+        cam_c = full_cam.resized(w_c, h_c)
+        targets_c, target_masks_c = full_frame_targets(frames_np, masks_np, w_c, h_c, device)
+    else:
+        cam_c, targets_c, target_masks_c = cam, targets, target_masks
     opt_c = torch.optim.Adam(groups_c, eps=1e-15)
     progress = Progress(emit, object_id, "joint", cfg.joint_iters)
     for step in range(cfg.joint_iters):
@@ -259,7 +290,7 @@ def animate_object(
         deformed = deform(frames_c)
         local = {t: i for i, t in enumerate(frames_c)}
         losses = world_losses(
-            frames_c, deformed, placement, gaussians, cam, targets, target_masks, device, local
+            frames_c, deformed, placement, gaussians, cam_c, targets_c, target_masks_c, device, local
         )
         total = losses_b.total(losses)
         opt_c.zero_grad(set_to_none=True)
@@ -269,8 +300,13 @@ def animate_object(
 
     # ---- bake and measure --------------------------------------------------------------------
     canonical_state = static_ckpt["gaussians"]
-    if cfg.joint_color_lr > 0:  # a new state: the static checkpoint's tensors stay untouched
-        params = {**canonical_state["params"], "color_logits": color_logits.detach().cpu().clone()}
+    refined = {}
+    if cfg.joint_color_lr > 0:
+        refined["color_logits"] = color_logits
+    if cfg.joint_shape_lr > 0:
+        refined.update(log_scales=log_scales0, opacity_logits=opacity_logits)
+    if refined:  # a new state: the static checkpoint's tensors stay untouched
+        params = {**canonical_state["params"], **{n: v.detach().cpu().clone() for n, v in refined.items()}}
         canonical_state = {**canonical_state, "params": params}
     with torch.no_grad():
         means, log_s, quats = deform(list(range(T)))
@@ -279,7 +315,7 @@ def animate_object(
             "means": torch.stack([m for m, _ in placed]).float().cpu(),
             "quats": F.normalize(quats, dim=-1).float().cpu(),
             "scales": torch.stack([s for _, s in placed]).float().cpu(),
-            "opacities": can["opacities"].float().cpu(),
+            "opacities": torch.sigmoid(opacity_logits).float().cpu(),
             "colors": torch.sigmoid(color_logits).float().cpu(),
         }
         per_frame = []
@@ -344,26 +380,31 @@ def world_losses(frames, deformed, placement, gaussians, cam, targets, target_ma
     return {"rgb": torch.stack(rgb).mean(), "mask": torch.stack(mask).mean()}
 
 
-def sds_for_frames(guidance, cfg, frames, index, means, log_s, quats, gaussians, ratio, rng, device):
+def sds_for_frames(guidance, cfg, frames, frame_gaussians: dict, ratio, rng, device):
     """SDS on `novel_views_per_frame` random views of each sampled frame, each view conditioned on
-    its own frame's crop; all views in one guidance batch."""
-    images, de, da, dr, refs = [], [], [], [], []
+    its own frame's crop; all views rendered in one batched call and scored in one guidance batch.
+    frame_gaussians holds one set of Gaussians per entry of `frames` ([F, N, ...])."""
+    cams, de, da, dr, refs = [], [], [], [], []
+    n = cfg.novel_views_per_frame
     for t in frames:
-        i = index[t]
-        n = cfg.novel_views_per_frame
         d_elev = rng.integers(-30, 31, size=n).astype(float)
         d_azim = rng.uniform(-180, 180, size=n)
         d_rad = np.zeros(n)
-        cams = [Camera.orbit(e, a, 2.0 + r, 256, 256) for e, a, r in zip(d_elev, d_azim, d_rad)]
-        out = render_views(gaussians(means[i], log_s[i], quats[i]), cams, device)
-        images.append(out.color.permute(0, 3, 1, 2))
+        cams += [Camera.orbit(e, a, 2.0 + r, 256, 256) for e, a, r in zip(d_elev, d_azim, d_rad)]
         de.append(d_elev)
         da.append(d_azim)
         dr.append(d_rad)
         refs += [t] * n
+    viewmats, Ks = stack_cameras(cams, device)
+    g = frame_gaussians
+    out = rasterize_batch(
+        g["means"], g["quats"], g["scales"], g["opacities"], g["colors"],
+        viewmats.view(len(frames), n, 4, 4), Ks.view(len(frames), n, 3, 3), 256, 256,
+        background=torch.tensor(WHITE, dtype=torch.float32, device=device),
+    )  # fmt: skip
     as_t = lambda a: torch.as_tensor(np.concatenate(a), dtype=torch.float32, device=device)  # noqa: E731
     loss, _ = guidance.sds_loss(
-        torch.cat(images),
+        out.color.flatten(0, 1).permute(0, 3, 1, 2),
         as_t(de),
         as_t(da),
         as_t(dr),

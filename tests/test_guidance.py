@@ -338,3 +338,53 @@ def test_fp16_sds_on_cuda(tiny_model):
     loss, _ = g.sds_loss(image, [0.0] * 4, [90.0] * 4, [0.0] * 4, 0.3, torch.tensor([0, 1, 0, 1]))
     loss.backward()
     assert torch.isfinite(image.grad).all() and image.grad.abs().sum() > 0
+
+
+def test_stage2_with_guidance_scores_every_sampled_frames_novel_views(tiny_model, tiny_video):
+    from backend.config import load_config
+    from backend.data import load_reference_layout
+    from backend.gaussians import GaussianModel
+    from backend.stage2 import animate_object
+
+    tiny = tiny_video(num_frames=3)
+    video = load_reference_layout(tiny.root, tiny.name)
+    state = GaussianModel.random_ball(200, 0.5, torch.Generator().manual_seed(0)).state()
+    config = load_config(
+        "cpu-demo",
+        [
+            f"guidance.model={tiny_model}",
+            "crop_size=48",
+            "stage1.placement_max_side=64",
+            "stage2.steps_per_frame=2",
+            "stage2.frames_per_step=2",
+            "stage2.novel_views_per_frame=2",
+            "stage2.placement_iters=2",
+            "stage2.joint_iters=2",
+            "stage2.knn=4",
+            "stage2.deformation.spatial_resolutions=[8]",
+            "stage2.deformation.plane_channels=4",
+        ],
+    )
+    components = load_zero123(str(tiny_model), "cpu", "fp32")
+    guidance = Zero123Guidance(components, config.guidance)
+    batches = []
+    sds_loss = guidance.sds_loss
+
+    def recording_sds(images, *args, **kwargs):
+        batches.append((images.shape, kwargs["reference_index"].tolist()))
+        return sds_loss(images, *args, **kwargs)
+
+    guidance.sds_loss = recording_sds
+    events = []
+    result = animate_object(
+        video, 0, {"gaussians": state}, config, torch.device("cpu"), guidance, events.append
+    )
+    # One guidance batch a step: 2 views of each of the 2 sampled frames, rendered at 256 px,
+    # each conditioned on its own frame's crop.
+    assert len(batches) == 6
+    for shape, refs in batches:
+        assert tuple(shape) == (4, 3, 256, 256)
+        assert refs[0] == refs[1] and refs[2] == refs[3] and refs[0] != refs[2]
+    sds_values = [e["losses"]["sds"] for e in events if e.get("phase") == "deformation" and "losses" in e]
+    assert sds_values and all(math.isfinite(v) for v in sds_values)
+    assert result["baked"]["means"].shape == (3, 200, 3)

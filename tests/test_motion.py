@@ -353,6 +353,25 @@ def test_scale_losses():
     assert local_scale_consistency_loss(noisy, idx, weights).item() > 0.05
 
 
+def test_regularisers_over_several_frames_are_the_mean_of_the_per_frame_values():
+    means, _, quats = random_gaussians(150, seed=6)
+    idx, dist = knn(means, k=8)
+    weights = neighbour_weights(dist)
+    g = torch.Generator().manual_seed(1)
+    deformed = means + 0.05 * torch.randn(4, 150, 3, generator=g)
+    deformed_quats = quats + 0.2 * torch.randn(4, 150, 4, generator=g)
+    d_log = 0.3 * torch.randn(4, 150, 3, generator=g)
+    per_frame = [
+        local_rigidity_loss(means, deformed[f], quats, deformed_quats[f], idx, weights) for f in range(4)
+    ]
+    batched = local_rigidity_loss(means, deformed, quats, deformed_quats, idx, weights)
+    assert batched.item() == pytest.approx(torch.stack(per_frame).mean().item(), rel=1e-5)
+    assert min(p.item() for p in per_frame) < batched.item() < max(p.item() for p in per_frame)
+    per_frame = [local_scale_consistency_loss(d_log[f], idx, weights) for f in range(4)]
+    batched = local_scale_consistency_loss(d_log, idx, weights)
+    assert batched.item() == pytest.approx(torch.stack(per_frame).mean().item(), rel=1e-5)
+
+
 # ---------------------------------------------------------------- placement
 
 
@@ -459,3 +478,29 @@ def test_phase_c_colour_refinement_is_opt_in(tiny_video):
     assert torch.allclose(torch.sigmoid(refined["gaussians"]["params"]["color_logits"]), colours, atol=1e-6)
     assert torch.equal(state["params"]["color_logits"], torch.logit(grey))  # the input is untouched
     assert refined["metrics"]["psnr"] > frozen["metrics"]["psnr"] + 1.0
+
+    # Shape refinement (opacities and log-scales), at a larger phase-C working size than phase B's.
+    shape_keys = ("log_scales", "opacity_logits")
+    before = {n: state["params"][n].clone() for n in shape_keys}
+    config = load_config("cpu-demo", [*short, "stage2.joint_shape_lr=0.02", "stage2.joint_max_side=96"])
+    reshaped = animate_object(video, 0, {"gaussians": state}, config, torch.device("cpu"))
+    for n in shape_keys:
+        assert (reshaped["gaussians"]["params"][n] - before[n]).abs().max() > 1e-3, n
+        assert torch.equal(state["params"][n], before[n]), n  # the input is untouched
+    opacities = torch.sigmoid(reshaped["gaussians"]["params"]["opacity_logits"])
+    assert torch.allclose(reshaped["baked"]["opacities"], opacities, atol=1e-6)
+    assert torch.equal(frozen["baked"]["opacities"], torch.sigmoid(before["opacity_logits"]))
+    # More freedom in the same number of steps fits the frames better than colours alone.
+    assert reshaped["metrics"]["psnr"] > refined["metrics"]["psnr"] + 1.0
+
+
+def test_learning_rates_must_not_be_negative():
+    from backend.config import load_config
+    from backend.errors import InputError
+
+    with pytest.raises(InputError, match="stage2.joint_shape_lr.*>= 0"):
+        load_config("cpu-demo", ["stage2.joint_shape_lr=-0.1"])
+    with pytest.raises(InputError, match="stage2.placement_lr.*>= 0"):
+        load_config("full", ["stage2.placement_lr=-1e-3"])
+    assert load_config("full", ["stage2.placement_lr=2e-3"]).stage2.placement_lr == 2e-3
+    assert load_config("cpu-demo", ["stage2.joint_color_lr=0"]).stage2.joint_color_lr == 0

@@ -91,9 +91,11 @@ def local_scale_consistency_loss(
 ) -> torch.Tensor:
     """Neighbours should change their log-scale alike.
 
-    delta_log_scales [N, 3] (deformed minus canonical), neighbours [N, k], weights [N, k].
+    delta_log_scales [N, 3] (deformed minus canonical) or [F, N, 3] for F frames at once (the
+    mean over all frames' pairs, which is the mean of the per-frame values), neighbours [N, k],
+    weights [N, k].
     """
-    residual = delta_log_scales[neighbours] - delta_log_scales[:, None, :]
+    residual = delta_log_scales[..., neighbours, :] - delta_log_scales[..., :, None, :]
     return _weighted_pair_norm(residual, weights)
 
 
@@ -111,15 +113,17 @@ def local_rigidity_loss(
     the deformed one, R_i = rot(q_def) rot(q_can)^T, the offset of neighbour j should satisfy
         R_i^T (x'_j - x'_i) = x_j - x_i.
     A common rotation + translation of all Gaussians (means and quaternions alike) gives zero.
-    Quaternions may have any norm.  Shapes: means [N, 3], quats [N, 4], neighbours/weights [N, k].
+    Quaternions may have any norm.  Shapes: means [N, 3], quats [N, 4], neighbours/weights [N, k];
+    the deformed means and quats may be [F, N, 3] and [F, N, 4] for F frames at once (the mean
+    over all frames' pairs, which is the mean of the per-frame values).
     """
     relative = quat_multiply(
         torch.nn.functional.normalize(deformed_quats, dim=-1),
         quat_conjugate(torch.nn.functional.normalize(canonical_quats, dim=-1)),
     )
-    rot = quat_to_rotmat(relative)  # [N, 3, 3]
+    rot = quat_to_rotmat(relative)  # [(F,) N, 3, 3]
     canonical_offsets = canonical_means[neighbours] - canonical_means[:, None, :]  # [N, k, 3]
-    deformed_offsets = deformed_means[neighbours] - deformed_means[:, None, :]
+    deformed_offsets = deformed_means[..., neighbours, :] - deformed_means[..., :, None, :]
     # R^T applied to row vectors: v R  (== (R^T v^T)^T).
     unrotated = deformed_offsets @ rot
     return _weighted_pair_norm(unrotated - canonical_offsets, weights)

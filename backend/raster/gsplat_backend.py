@@ -26,7 +26,9 @@ def rasterize_gsplat(
     """Render with gsplat.rasterization in "RGB+ED" mode (float32 CUDA tensors).
 
     means [N, 3], quats [N, 4], scales [N, 3], opacities [N], colors [N, D] or [C, N, D],
-    viewmats [C, 4, 4], Ks [C, 3, 3], backgrounds [C, D] or None.
+    viewmats [C, 4, 4], Ks [C, 3, 3], backgrounds [C, D] or None; every tensor may carry the same
+    leading batch dimensions (independent sets of Gaussians, each into its own C views), and so
+    do the outputs.
     Returns color [C, H, W, D], alpha [C, H, W, 1], expected depth [C, H, W, 1], means2d [C, N, 2]
     (gsplat's own tensor, so its gradient is the view-space gradient) and radii [C, N] int32.
     """
@@ -55,6 +57,6 @@ def rasterize_gsplat(
         backgrounds=None if backgrounds is None else f32(backgrounds),
     )
     radii = meta["radii"]
-    if radii.dim() == 3:  # gsplat >= 1.5 returns per-axis radii [C, N, 2]
+    if radii.dim() == meta["means2d"].dim():  # gsplat >= 1.5 returns per-axis radii [..., C, N, 2]
         radii = radii.amax(dim=-1)
     return renders[..., :-1], alphas, renders[..., -1:], meta["means2d"], radii.to(torch.int32)
