@@ -60,9 +60,13 @@ def test_default_config_matches_method():
 def test_published_presets_keep_the_canonical_gaussians_frozen():
     from backend.config import load_config
 
-    # Colour refinement in phase C is a departure for the prior-free preset only.
-    assert load_config("full").stage2.joint_color_lr == 0 and load_config("lite").stage2.joint_color_lr == 0
-    assert load_config("cpu-demo").stage2.joint_color_lr > 0
+    # Appearance and shape refinement in phase C are departures for the prior-free preset only.
+    for preset in ("full", "lite"):
+        stage2 = load_config(preset).stage2
+        assert stage2.joint_color_lr == 0 and stage2.joint_shape_lr == 0, preset
+        assert stage2.joint_lr_factor == 0.1 and stage2.joint_max_side == 0, preset
+    cpu = load_config("cpu-demo").stage2
+    assert cpu.joint_color_lr > 0 and cpu.joint_shape_lr > 0 and cpu.joint_max_side >= 512
 
 
 def test_identity_at_start():
@@ -459,18 +463,19 @@ def test_phase_c_colour_refinement_is_opt_in(tiny_video):
         "stage2.steps_per_frame=1",
         "stage2.placement_iters=5",
         "stage2.joint_iters=15",
+        "stage2.joint_max_side=0",
         "stage2.knn=4",
         "stage2.deformation.spatial_resolutions=[8]",
         "stage2.deformation.plane_channels=4",
     ]
     grey = torch.sigmoid(state["params"]["color_logits"])
 
-    config = load_config("cpu-demo", [*short, "stage2.joint_color_lr=0"])
+    config = load_config("cpu-demo", [*short, "stage2.joint_color_lr=0", "stage2.joint_shape_lr=0"])
     frozen = animate_object(video, 0, {"gaussians": state}, config, torch.device("cpu"))
     assert torch.equal(frozen["baked"]["colors"], grey)
     assert frozen["gaussians"] is state
 
-    config = load_config("cpu-demo", [*short, "stage2.joint_color_lr=0.05"])
+    config = load_config("cpu-demo", [*short, "stage2.joint_color_lr=0.05", "stage2.joint_shape_lr=0"])
     refined = animate_object(video, 0, {"gaussians": state}, config, torch.device("cpu"))
     colours = refined["baked"]["colors"]
     assert (colours - grey).abs().max() > 0.05  # the grey start moved towards the video's colours
