@@ -142,15 +142,6 @@ def animate_object(
     # Phase C may refine the colours (stage2.joint_color_lr); until then they are stage 1's.
     color_logits = canonical.color_logits.detach().clone()
 
-    def gaussians(means, log_s, quats) -> dict:
-        return {
-            "means": means,
-            "quats": quats,
-            "scales": log_s.exp(),
-            "opacities": torch.sigmoid(opacity_logits),
-            "colors": torch.sigmoid(color_logits),
-        }
-
     def frame_gaussians(means, log_s, quats) -> dict:
         """One set of Gaussians per frame: deformed [F, N, ...] plus the shared appearance."""
         n_frames = means.shape[0]
@@ -258,7 +249,9 @@ def animate_object(
         for group in opt_b.param_groups:
             group["lr"] = exponential_lr(step, cfg.placement_lr, cfg.placement_lr_final, 500)
         frames_b = sample_frames(T, cfg.frames_per_step, rng).frames
-        losses = world_losses(frames_b, frozen, placement, gaussians, cam, targets, target_masks, device)
+        losses = world_losses(
+            frames_b, frozen, placement, frame_gaussians, cam, targets, target_masks, device
+        )
         total = losses_b.total(losses)
         opt_b.zero_grad(set_to_none=True)
         total.backward()
@@ -290,7 +283,7 @@ def animate_object(
         deformed = deform(frames_c)
         local = {t: i for i, t in enumerate(frames_c)}
         losses = world_losses(
-            frames_c, deformed, placement, gaussians, cam_c, targets_c, target_masks_c, device, local
+            frames_c, deformed, placement, frame_gaussians, cam_c, targets_c, target_masks_c, device, local
         )
         total = losses_b.total(losses)
         opt_c.zero_grad(set_to_none=True)
@@ -365,18 +358,31 @@ def full_frame_targets(frames_np, masks_np, w: int, h: int, device):
     return frames * masks + (1 - masks), masks
 
 
-def world_losses(frames, deformed, placement, gaussians, cam, targets, target_masks, device, local=None):
-    """RGB and mask balanced MSE of the placed object against full frames, averaged over `frames`."""
+def world_losses(
+    frames, deformed, placement, frame_gaussians, cam, targets, target_masks, device, local=None
+):
+    """RGB and mask balanced MSE of the placed object against full frames, averaged over `frames`;
+    all frames rendered in one batched call."""
     means, log_s, quats = deformed
+    rows = torch.tensor([local[t] if local is not None else t for t in frames], device=device)
+    means, log_s, quats = means[rows], log_s[rows], quats[rows]
+    n_frames, n = means.shape[:2]
+    frame_of_each = torch.tensor(frames, device=device).repeat_interleave(n)
+    world_means, world_scales = placement.apply(
+        means.reshape(-1, 3), log_s.exp().reshape(-1, 3), frame_of_each
+    )
+    g = frame_gaussians(world_means.view(n_frames, n, 3), log_s, quats)
+    g["scales"] = world_scales.view(n_frames, n, 3)
+    viewmat, K = stack_cameras([cam], device)
+    out = rasterize_batch(
+        g["means"], g["quats"], g["scales"], g["opacities"], g["colors"],
+        viewmat.expand(n_frames, -1, -1, -1), K.expand(n_frames, -1, -1, -1), cam.width, cam.height,
+        background=torch.tensor(WHITE, dtype=torch.float32, device=device),
+    )  # fmt: skip
     rgb, mask = [], []
-    for t in frames:
-        i = local[t] if local is not None else t
-        world_means, world_scales = placement.apply(means[i], log_s[i].exp(), t)
-        g = gaussians(means[i], log_s[i], quats[i])
-        g["means"], g["scales"] = world_means, world_scales
-        out = render_views(g, [cam], device)
-        rgb.append(balanced_mse(out.color[0].permute(2, 0, 1), targets[t], target_masks[t]))
-        mask.append(balanced_mse(out.alpha[0].permute(2, 0, 1), target_masks[t], target_masks[t]))
+    for j, t in enumerate(frames):
+        rgb.append(balanced_mse(out.color[j, 0].permute(2, 0, 1), targets[t], target_masks[t]))
+        mask.append(balanced_mse(out.alpha[j, 0].permute(2, 0, 1), target_masks[t], target_masks[t]))
     return {"rgb": torch.stack(rgb).mean(), "mask": torch.stack(mask).mean()}
 
 

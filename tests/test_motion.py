@@ -410,6 +410,28 @@ def _crop_view_in_frame(points: np.ndarray, window) -> np.ndarray:
     return window.crop_to_frame(uv)
 
 
+@pytest.mark.parametrize("mode", ["projective", "ray_aligned", "similarity"])
+def test_placement_of_several_frames_at_once_matches_frame_by_frame(mode):
+    from backend.cameras import input_camera
+
+    video_cam = input_camera(384, 256)
+    rng = np.random.default_rng(1)
+    translation = video_cam.unproject(rng.uniform(50, 300, (4, 2)), rng.uniform(1.5, 2.5, 4))
+    placement = FramePlacement(
+        translation, rng.uniform(0.3, 0.6, 4), mode=mode,
+        camera_center=video_cam.center, camera_forward=video_cam.c2w[:3, 2],
+    )  # fmt: skip
+    means = torch.as_tensor(rng.uniform(-0.5, 0.5, (3, 50, 3)), dtype=torch.float32)
+    scales = torch.full_like(means, 0.02)
+    frames = [2, 0, 3]
+    per_gaussian = torch.tensor(frames).repeat_interleave(50)
+    world, world_scales = placement.apply(means.reshape(-1, 3), scales.reshape(-1, 3), per_gaussian)
+    for j, t in enumerate(frames):
+        one, one_scales = placement.apply(means[j], scales[j], t)
+        torch.testing.assert_close(world.view(3, 50, 3)[j], one)
+        torch.testing.assert_close(world_scales.view(3, 50, 3)[j], one_scales)
+
+
 @pytest.mark.parametrize("centre", [(296.5, 82.0), (40.0, 230.0), (192.0, 128.0)])
 def test_placements_against_the_crop_view(centre):
     from backend.cameras import input_camera
