@@ -213,6 +213,44 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     return value
 
 
+# Integer keys that count or size something there must be at least one of; every other integer
+# key must be >= 0 (0 means "off" or "the default" there, as its comment says).
+AT_LEAST_ONE = frozenset(
+    {
+        "crop_size",
+        "guidance.image_size",
+        "stage1.iters",
+        "stage1.num_gaussians",
+        "stage1.reference_size",
+        "stage1.lr_position_steps",
+        "stage1.densify.interval",
+        "stage1.densify.max_gaussians",
+        "stage1.placement_max_side",
+        "stage2.steps_per_frame",
+        "stage2.frames_per_step",
+        "stage2.knn",
+        "stage2.deformation.plane_channels",
+        "stage2.deformation.min_time_resolution",
+        "stage2.deformation.hidden",
+        "stage3.k_sweep_steps",
+        "stage3.work_long_side",
+        "stage3.render_long_side",
+        "stage3.loops",
+        "stage3.track_grid",
+    }
+)
+
+
+def _check_range(key: str, value: Any) -> None:
+    # A negative learning rate would climb the loss; 0 is how a preset turns a group off.
+    if key.endswith("_lr") and isinstance(value, float) and value < 0:
+        raise InputError(f"config key '{key}' is a learning rate and must be >= 0, got {value}")
+    if isinstance(value, int) and not isinstance(value, bool):
+        least = 1 if key in AT_LEAST_ONE else 0
+        if value < least:
+            raise InputError(f"config key '{key}' must be an integer >= {least}, got {value}")
+
+
 def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     types_ = _field_types(cls)
     unknown = sorted(set(values) - set(types_))
@@ -223,9 +261,7 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
         )
     kwargs = {name: _coerce(value, types_[name], prefix + name) for name, value in values.items()}
     for name, value in kwargs.items():
-        # A negative learning rate would climb the loss; 0 is how a preset turns a group off.
-        if name.endswith("_lr") and isinstance(value, float) and value < 0:
-            raise InputError(f"config key '{prefix}{name}' is a learning rate and must be >= 0, got {value}")
+        _check_range(prefix + name, value)
     return cls(**kwargs)
 
 

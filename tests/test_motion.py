@@ -530,4 +530,26 @@ def test_learning_rates_must_not_be_negative():
     with pytest.raises(InputError, match="stage2.placement_lr.*>= 0"):
         load_config("full", ["stage2.placement_lr=-1e-3"])
     assert load_config("full", ["stage2.placement_lr=2e-3"]).stage2.placement_lr == 2e-3
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("crop_size=-5", "'crop_size' must be an integer >= 1, got -5"),
+        ("stage2.frames_per_step=0", "'stage2.frames_per_step' must be an integer >= 1"),
+        ("stage2.joint_max_side=-1", "'stage2.joint_max_side' must be an integer >= 0"),
+        ("seed=-2", "'seed' must be an integer >= 0"),
+    ],
+)
+def test_counts_and_sizes_are_range_checked(override, message):
+    from backend.config import load_config
+    from backend.errors import InputError
+
+    with pytest.raises(InputError, match=message):
+        load_config("cpu-demo", [override])
+    # Zero stays valid where it means "off" or "the default".
+    config = load_config(
+        "cpu-demo", ["stage2.joint_iters=0", "stage2.joint_max_side=0", "guidance.encode_chunk=0"]
+    )
+    assert config.stage2.joint_iters == 0
     assert load_config("cpu-demo", ["stage2.joint_color_lr=0"]).stage2.joint_color_lr == 0
