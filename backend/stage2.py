@@ -4,7 +4,9 @@ Phase A (deformation): a HexPlane field deforms the frozen stage-1 Gaussians per
 seen from the reference orbit view, they match each frame's own object-centric crop (RGB, mask,
 optical flow, SDS per frame, local rigidity and scale regularisers).
 Phase B (object-to-world): per-frame translation (scale from the crop) fitted on full frames.
-Phase C (joint): deformation (0.1x lr) and translation fine-tuned together in the world frame.
+Phase C (joint): deformation (stage2.joint_lr_factor, 0.1x as published) and translation
+fine-tuned together in the world frame; optionally also the canonical colours, opacities and
+scales (stage2.joint_color_lr, joint_shape_lr; off in the published presets).
 The result is baked: per-frame world-space Gaussians for composition.
 """
 
