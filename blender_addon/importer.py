@@ -28,6 +28,9 @@ SCENE_PATH_KEY = "ds4d_scene_path"
 OBJECT_ID_KEY = "ds4d_object_id"
 # Not plain "color": Cycles does not hand an attribute of that name to shaders on point clouds.
 COLOR_ATTRIBUTE = "splat_color"
+# Per splat, k in exp(-k (1 - cos^2)): the Gaussian's fall-off across the sphere or ellipsoid that
+# stands in for it (written by the node group from its Size input).
+FALLOFF_ATTRIBUTE = "splat_falloff"
 
 # Scene folder -> Scene with memory-mapped arrays.  Rebuilt lazily after a .blend is reopened.
 _loaded_scenes: dict[str, scene_format.Scene] = {}
@@ -59,8 +62,33 @@ def _link(tree, from_socket, to_socket):
     tree.links.new(from_socket, to_socket)
 
 
+def _math(tree, operation: str, a, b=None):
+    """A Math node on sockets or constants; returns its output socket."""
+    node = tree.nodes.new("ShaderNodeMath")
+    node.operation = operation
+    for index, value in enumerate((a, b)):
+        if value is None:
+            continue
+        if isinstance(value, int | float):
+            node.inputs[index].default_value = float(value)
+        else:
+            _link(tree, value, node.inputs[index])
+    return node.outputs["Value"]
+
+
+def _sum_of_lookups(tree, attribute: str, output: str):
+    """The attribute as the splat carries it: on the point itself, or on the instancer of an
+    ellipsoid.  A lookup that does not apply returns zero, so the sum is the one that does."""
+    on_geometry = tree.nodes.new("ShaderNodeAttribute")
+    on_geometry.attribute_type, on_geometry.attribute_name = "GEOMETRY", attribute
+    on_instancer = tree.nodes.new("ShaderNodeAttribute")
+    on_instancer.attribute_type, on_instancer.attribute_name = "INSTANCER", attribute
+    return _math(tree, "ADD", on_geometry.outputs[output], on_instancer.outputs[output])
+
+
 def ensure_splat_material() -> bpy.types.Material:
-    """Emission coloured by the `splat_color` attribute, mixed with transparency by its alpha (the opacity)."""
+    """Emission coloured by the `splat_color` attribute, mixed with transparency by its alpha (the
+    opacity), which in Cycles falls off across the splat as its Gaussian does."""
     material = bpy.data.materials.get(MATERIAL_NAME)
     if material is not None:
         return material
@@ -71,7 +99,6 @@ def ensure_splat_material() -> bpy.types.Material:
         material.surface_render_method = "BLENDED"
     tree = material.node_tree
     tree.nodes.clear()
-    output = tree.nodes.new("ShaderNodeOutputMaterial")
     # Points carry the attribute on their own geometry; ellipsoid instances get it from the
     # instancer.  A lookup that does not apply returns zero, so the sum is the one that does.
     on_geometry = tree.nodes.new("ShaderNodeAttribute")
@@ -86,14 +113,36 @@ def ensure_splat_material() -> bpy.types.Material:
     alpha_sum.operation, alpha_sum.use_clamp = "ADD", True
     _link(tree, on_geometry.outputs["Alpha"], alpha_sum.inputs[0])
     _link(tree, on_instancer.outputs["Alpha"], alpha_sum.inputs[1])
+    # A splat is a sphere (or ellipsoid) of radius Size x sigma.  A point seen at distance r from
+    # its centre on screen lies where cos(normal, view)^2 = 1 - (r / radius)^2, so
+    # exp(-k (1 - cos^2)) with k = Size^2 / 2 is the Gaussian's exp(-r^2 / (2 sigma^2)): faint
+    # wide Gaussians fade out towards their rim instead of showing as solid discs.
+    falloff = _sum_of_lookups(tree, FALLOFF_ATTRIBUTE, "Fac")
+    geometry = tree.nodes.new("ShaderNodeNewGeometry")
+    cosine = tree.nodes.new("ShaderNodeVectorMath")
+    cosine.operation = "DOT_PRODUCT"
+    _link(tree, geometry.outputs["Normal"], cosine.inputs[0])
+    _link(tree, geometry.outputs["Incoming"], cosine.inputs[1])
+    cos2 = _math(tree, "MULTIPLY", cosine.outputs["Value"], cosine.outputs["Value"])
+    sin2 = _math(tree, "SUBTRACT", 1.0, cos2)
+    exponent = _math(tree, "MULTIPLY", _math(tree, "MULTIPLY", sin2, falloff), -1.0)
+    weight = _math(tree, "EXPONENT", exponent)
+    alpha = _math(tree, "MULTIPLY", alpha_sum.outputs["Value"], weight)
     emission = tree.nodes.new("ShaderNodeEmission")
     _link(tree, color_sum.outputs["Vector"], emission.inputs["Color"])
     transparent = tree.nodes.new("ShaderNodeBsdfTransparent")
-    mix = tree.nodes.new("ShaderNodeMixShader")
-    _link(tree, alpha_sum.outputs["Value"], mix.inputs["Fac"])
-    _link(tree, transparent.outputs[0], mix.inputs[1])
-    _link(tree, emission.outputs[0], mix.inputs[2])
-    _link(tree, mix.outputs[0], output.inputs["Surface"])
+    # Cycles shades a point as a true sphere, so the fall-off applies there.  EEVEE draws points
+    # as flat camera-facing shapes whose normals do not follow a sphere (the fall-off there cut
+    # the covered area: IoU with the Gaussians' alpha-0.5 footprint 0.94 -> 0.79), so EEVEE keeps
+    # the plain opacity.
+    for target, fac in (("CYCLES", alpha), ("EEVEE", alpha_sum.outputs["Value"])):
+        mix = tree.nodes.new("ShaderNodeMixShader")
+        _link(tree, fac, mix.inputs["Fac"])
+        _link(tree, transparent.outputs[0], mix.inputs[1])
+        _link(tree, emission.outputs[0], mix.inputs[2])
+        output = tree.nodes.new("ShaderNodeOutputMaterial")
+        output.target = target
+        _link(tree, mix.outputs[0], output.inputs["Surface"])
     return material
 
 
@@ -151,11 +200,32 @@ def ensure_splat_node_group() -> bpy.types.NodeTree:
     _link(group, rotation.outputs["Attribute"], instances.inputs["Rotation"])
     _link(group, axis_scale.outputs["Vector"], instances.inputs["Scale"])
 
+    # k = Size^2 / 2 for the material's fall-off, on whichever domain the splats live.
+    size_squared = nodes.new("ShaderNodeMath")
+    size_squared.operation = "MULTIPLY"
+    _link(group, group_in.outputs["Size"], size_squared.inputs[0])
+    _link(group, group_in.outputs["Size"], size_squared.inputs[1])
+    half = nodes.new("ShaderNodeMath")
+    half.operation = "MULTIPLY"
+    half.inputs[1].default_value = 0.5
+    _link(group, size_squared.outputs["Value"], half.inputs[0])
+    stored = {}
+    for name, source, domain in (
+        ("points", to_points.outputs["Points"], "POINT"),
+        ("instances", instances.outputs["Instances"], "INSTANCE"),
+    ):
+        store = nodes.new("GeometryNodeStoreNamedAttribute")
+        store.data_type, store.domain = "FLOAT", domain
+        store.inputs["Name"].default_value = FALLOFF_ATTRIBUTE
+        _link(group, source, store.inputs["Geometry"])
+        _link(group, half.outputs["Value"], store.inputs["Value"])
+        stored[name] = store.outputs["Geometry"]
+
     switch = nodes.new("GeometryNodeSwitch")
     switch.input_type = "GEOMETRY"
     _link(group, group_in.outputs["Ellipsoids"], switch.inputs["Switch"])
-    _link(group, to_points.outputs["Points"], switch.inputs["False"])
-    _link(group, instances.outputs["Instances"], switch.inputs["True"])
+    _link(group, stored["points"], switch.inputs["False"])
+    _link(group, stored["instances"], switch.inputs["True"])
     set_material = nodes.new("GeometryNodeSetMaterial")
     _link(group, switch.outputs["Output"], set_material.inputs["Geometry"])
     _link(group, group_in.outputs["Material"], set_material.inputs["Material"])

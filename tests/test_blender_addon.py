@@ -264,16 +264,62 @@ def _rotation(rng) -> np.ndarray:
 
 
 def footprint(objects: dict, meta: dict, t: int, splat_size: float) -> np.ndarray:
-    """Pixels covered by discs of the Gaussians' splat radius projected through the backend camera."""
+    """Pixels where the splats' accumulated alpha exceeds 0.5, projected through the backend camera.
+
+    Each splat is its Gaussian, opacity x exp(-d^2 / (2 sigma^2)) with sigma the RMS axis scale in
+    pixels, cut off at its splat radius (splat_size x sigma), as the splat material shades it.
+    """
     K, viewmat = np.array(meta["camera"]["K"]), np.array(meta["camera"]["viewmat"])
     ys, xs = np.mgrid[0:HEIGHT, 0:WIDTH] + 0.5
-    covered = np.zeros((HEIGHT, WIDTH), dtype=bool)
+    transmittance = np.ones((HEIGHT, WIDTH))
     for arrays in objects.values():
         uv, depth = project(arrays["means"][t].astype(np.float64), viewmat, K)
-        radius = splat_size * np.linalg.norm(arrays["scales"][t], axis=-1) / math.sqrt(3) * K[0, 0] / depth
-        for (u, v), r in zip(uv, radius):
-            covered |= (xs - u) ** 2 + (ys - v) ** 2 <= r**2
-    return covered
+        sigma = np.linalg.norm(arrays["scales"][t], axis=-1) / math.sqrt(3) * K[0, 0] / depth
+        for (u, v), s, opacity in zip(uv, sigma, arrays["opacities"]):
+            d2 = (xs - u) ** 2 + (ys - v) ** 2
+            alpha = np.where(d2 <= (splat_size * s) ** 2, opacity * np.exp(-0.5 * d2 / s**2), 0.0)
+            transmittance *= 1.0 - alpha
+    return transmittance < 0.5
+
+
+def test_cycles_splat_fades_towards_its_rim_like_its_gaussian(blank, tmp_path):
+    # One wide Gaussian in front of the input camera: its splat is a disc of radius Size x sigma
+    # on screen.  A solid disc would be as opaque at 0.9 of that radius as at the centre.
+    K, viewmat = pinhole_K(), reference_viewmat(2.0)
+    one = {
+        "means": np.zeros((T, 1, 3), np.float32),
+        "quats": np.tile(np.array([1, 0, 0, 0], np.float32), (T, 1, 1)),
+        "scales": np.full((T, 1, 3), 0.12, np.float32),
+        "opacities": np.full(1, 0.99, np.float32),
+        "colors": np.array([[0.9, 0.2, 0.2]], np.float32),
+    }
+    meta = {
+        "fps": 10.0,
+        "image_size": [WIDTH, HEIGHT],
+        "camera": {"K": K.tolist(), "viewmat": viewmat.tolist()},
+    }
+    write_scene(tmp_path, meta, {"001": one})
+    scene = bpy.context.scene
+    importer.import_scene(bpy.context, tmp_path)
+    scene.camera = camera_paths.create_input_camera(scene, importer.load_scene(tmp_path))
+    scene.render.engine = "CYCLES"
+    scene.cycles.device, scene.cycles.samples, scene.cycles.use_denoising = "CPU", 16, False
+    scene.render.film_transparent = True
+    scene.render.image_settings.file_format, scene.render.image_settings.color_mode = "PNG", "RGBA"
+    scene.render.filepath = str(tmp_path / "splat.png")
+    scene.frame_set(1)
+    bpy.ops.render.render(write_still=True)
+    image = bpy.data.images.load(str(tmp_path / "splat.png"))
+    alpha = np.array(image.pixels[:], dtype=np.float32).reshape(HEIGHT, WIDTH, 4)[::-1, :, 3]
+    bpy.data.images.remove(image)
+    radius_px = scene.dreamscene4d.splat_size * 0.12 * K[0, 0] / 2.0  # RMS of equal axes = 0.12
+    u, v = K[0, 2], K[1, 2]
+    centre = alpha[int(v) - 1 : int(v) + 1, int(u) - 1 : int(u) + 1].mean()
+    near_rim = alpha[int(v), int(u + 0.9 * radius_px)]
+    outside = alpha[int(v), min(WIDTH - 1, int(u + 1.2 * radius_px))]
+    assert centre > 0.9, centre
+    assert near_rim < 0.75 * centre, (near_rim, centre)
+    assert outside < 0.05, outside
 
 
 @pytest.mark.parametrize(
