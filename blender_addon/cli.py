@@ -21,6 +21,10 @@ from pathlib import Path
 
 import bpy
 
+# After a status poll reports the job's end, how long to keep reading its event stream for the
+# events still on their way (the stream's own final "state" event ends the wait sooner).
+FINAL_EVENTS_GRACE_S = 3.0
+
 
 def _addon_package():
     """The add-on package, importing and registering it when Blender has not enabled it."""
@@ -249,11 +253,24 @@ def run_backend_job(args) -> dict:
         link.watch(job)
         _say(f"submitted job {job}")
 
+        final_states = ("done", "failed", "cancelled")
+        polled_final_at = None
+
         def finished(message) -> bool:
+            nonlocal polled_final_at
             if message.kind != "result":  # results are claimed by call(); the rest updates the settings
                 operators.apply_message(settings, message)
             _print_progress(settings, message)
-            return settings.job_state in ("done", "failed", "cancelled")
+            if message.kind == "event" and message.data.get("job") == job:
+                event = message.data.get("event") or {}
+                if event.get("type") == "state" and event.get("state") in final_states:
+                    return True  # the job's last event: everything before it has been printed
+            if settings.job_state not in final_states:
+                return False
+            # A status poll can report the end before the event stream has delivered the job's
+            # last events (composition's "done", say); keep reading them for a moment.
+            polled_final_at = polled_final_at or time.monotonic()
+            return time.monotonic() - polled_final_at > FINAL_EVENTS_GRACE_S
 
         if link.wait(finished, timeout=args.timeout) is None:
             raise TimeoutError(
