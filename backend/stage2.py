@@ -186,13 +186,7 @@ def animate_object(
         losses: dict[str, torch.Tensor] = {}
         sel = torch.tensor([index[t] for t in sample.frames], device=device)
         g_sel = frame_gaussians(means[sel], log_s[sel], quats[sel])
-        out = render_reference(g_sel)
-        rgb, mask = [], []
-        for j, t in enumerate(sample.frames):
-            rgb.append(balanced_mse(out.color[j, 0].permute(2, 0, 1), crops[t], crop_masks[t]))
-            mask.append(balanced_mse(out.alpha[j, 0].permute(2, 0, 1), crop_masks[t], crop_masks[t]))
-        losses["rgb"] = torch.stack(rgb).mean()
-        losses["mask"] = torch.stack(mask).mean()
+        losses.update(rgb_and_mask_losses(render_reference(g_sel), sample.frames, crops, crop_masks))
         if sample.flow_pairs:
             prev = torch.tensor([index[a] for a, _ in sample.flow_pairs], device=device)
             now = torch.tensor([index[b] for _, b in sample.flow_pairs], device=device)
@@ -381,6 +375,12 @@ def world_losses(
         viewmat.expand(n_frames, -1, -1, -1), K.expand(n_frames, -1, -1, -1), cam.width, cam.height,
         background=torch.tensor(WHITE, dtype=torch.float32, device=device),
     )  # fmt: skip
+    return rgb_and_mask_losses(out, frames, targets, target_masks)
+
+
+def rgb_and_mask_losses(out, frames, targets, target_masks) -> dict[str, torch.Tensor]:
+    """Balanced MSE of each frame's render (out: one set per entry of `frames`, first view) against
+    that frame's target and mask, averaged over the frames."""
     rgb, mask = [], []
     for j, t in enumerate(frames):
         rgb.append(balanced_mse(out.color[j, 0].permute(2, 0, 1), targets[t], target_masks[t]))

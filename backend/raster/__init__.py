@@ -138,23 +138,20 @@ def rasterize(
     Returns a RenderOutput (shapes in its docstring).
     """
     backgrounds = _check_inputs(means, quats, scales, opacities, colors, viewmats, Ks, background)
-    rasterize_impl = _implementation(backend, means)
+    out = _render(_implementation(backend, means), (means, quats, scales, opacities, colors, viewmats, Ks),
+                  width, height, backgrounds)  # fmt: skip
+    if out.means2d.requires_grad:
+        out.means2d.retain_grad()
+    return out
+
+
+def _render(
+    rasterize_impl, gaussians_and_cameras: tuple, width: int, height: int, backgrounds
+) -> RenderOutput:
+    """One call of a back end with the shared near and far planes."""
     color, alpha, depth, means2d, radii = rasterize_impl(
-        means,
-        quats,
-        scales,
-        opacities,
-        colors,
-        viewmats,
-        Ks,
-        width,
-        height,
-        backgrounds,
-        NEAR_PLANE,
-        FAR_PLANE,
+        *gaussians_and_cameras, width, height, backgrounds, NEAR_PLANE, FAR_PLANE
     )
-    if means2d.requires_grad:
-        means2d.retain_grad()
     return RenderOutput(color=color, alpha=alpha, depth=depth, means2d=means2d, radii=radii)
 
 
@@ -219,18 +216,6 @@ def rasterize_batch(
         )
     if backgrounds is not None:
         backgrounds = backgrounds[None].expand(n_sets, *backgrounds.shape)
-    color, alpha, depth, means2d, radii = rasterize_impl(
-        means,
-        quats,
-        scales,
-        opacities,
-        colors,
-        viewmats,
-        Ks,
-        width,
-        height,
-        backgrounds,
-        NEAR_PLANE,
-        FAR_PLANE,
+    return _render(
+        rasterize_impl, (means, quats, scales, opacities, colors, viewmats, Ks), width, height, backgrounds
     )
-    return RenderOutput(color=color, alpha=alpha, depth=depth, means2d=means2d, radii=radii)
