@@ -69,6 +69,9 @@ class Stage1Config:
     placement_lr: float = 1e-3
     placement_loss_weights: dict[str, float] = field(default_factory=lambda: {"rgb": 1000.0, "mask": 100.0})
     preview_every: int = 0
+    # Lift all objects of a video in one loop with one SDS batch a step (tests/bench/results.md);
+    # false lifts them one after another.  Same maths either way.
+    objects_together: bool = True
 
 
 @dataclass

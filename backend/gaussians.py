@@ -181,6 +181,10 @@ class DensifyStrategy:
     prune_opacity: float = 0.01
     prune_max_scale: float = 0.05
     until_step: int = 10**9
+    # Draws the split children's offsets; None uses the global generator of the model's device.
+    # Objects lifted together each bring their own, so each object's run does not depend on
+    # which others share its loop.
+    generator: torch.Generator | None = None
 
     def __post_init__(self) -> None:
         self.grad_sum: torch.Tensor | None = None
@@ -244,7 +248,8 @@ class DensifyStrategy:
         std = a["scales"][split]
         children = []
         for _ in range(2):
-            offset = (rot @ (torch.randn_like(std) * std).unsqueeze(-1)).squeeze(-1)
+            noise = torch.randn(std.shape, generator=self.generator, device=std.device, dtype=std.dtype)
+            offset = (rot @ (noise * std).unsqueeze(-1)).squeeze(-1)
             child = {name: t[split].clone() for name, t in raw.items()}
             child["means"] = child["means"] + offset
             child["log_scales"] = child["log_scales"] - math.log(self.split_factor)

@@ -269,6 +269,7 @@ def _run_stages(
         return guidance
 
     static: dict[str, dict] = {}
+    pending: list[int] = []
     for k, object_id in enumerate(video.object_ids):
         if objects is not None and k not in objects:
             continue
@@ -285,36 +286,47 @@ def _run_stages(
             raise InputError(
                 f"object {object_id} has no stage-1 checkpoint in {out_dir}; include 'static' in --stages"
             )
-        image, mask = video.object_frames(k)[0], video.object_masks(k)[0]
+        pending.append(k)
+    # Objects lifted together share each step's SDS batch (stage1.objects_together); otherwise
+    # one after another, each finished object checkpointed before the next starts.
+    groups = [pending] if job.config.stage1.objects_together else [[k] for k in pending]
+    for group in groups:
+        if not group:
+            continue
         reset_peak_memory(job.device)
-        result = stage1.lift_object(
-            image, mask, job.config, job.device, get_guidance(), emit, should_stop, object_id=object_id
-        )
-        ckpt = {
-            "gaussians": result.model.state(),
-            "placement": result.placement_state(),
-            "metrics": result.metrics,
-        }
-        atomic_torch_save(ckpt, path)
-        static_dir = out_dir / "static"
-        static_dir.mkdir(exist_ok=True)
-        result.model.save_ply(static_dir / f"{object_id}.ply")
-        preview = write_turntable_preview(
-            result.model, out_dir / "previews" / f"{object_id}_static.png", job.device
-        )
-        static[object_id] = ckpt
-        result.metrics.update(peak_memory(job.device))
-        obj_report["static"] = result.metrics
-        save_report(out_dir, report)
-        emit(
-            {
-                "type": "stage_done",
-                "object": object_id,
-                "stage": "static",
-                "previews": [str(preview.relative_to(out_dir))],
-                "seconds": result.metrics["seconds"],
+        items = [
+            stage1.LiftInput(video.object_frames(k)[0], video.object_masks(k)[0], video.object_ids[k])
+            for k in group
+        ]
+        results = stage1.lift_objects(items, job.config, job.device, get_guidance(), emit, should_stop)
+        peak = peak_memory(job.device)
+        for item, result in zip(items, results):
+            object_id = item.object_id
+            ckpt = {
+                "gaussians": result.model.state(),
+                "placement": result.placement_state(),
+                "metrics": result.metrics,
             }
-        )
+            atomic_torch_save(ckpt, checkpoint_path(out_dir, object_id, "static"))
+            static_dir = out_dir / "static"
+            static_dir.mkdir(exist_ok=True)
+            result.model.save_ply(static_dir / f"{object_id}.ply")
+            preview = write_turntable_preview(
+                result.model, out_dir / "previews" / f"{object_id}_static.png", job.device
+            )
+            static[object_id] = ckpt
+            result.metrics.update(peak)
+            report["objects"][object_id]["static"] = result.metrics
+            save_report(out_dir, report)
+            emit(
+                {
+                    "type": "stage_done",
+                    "object": object_id,
+                    "stage": "static",
+                    "previews": [str(preview.relative_to(out_dir))],
+                    "seconds": result.metrics["seconds"],
+                }
+            )
     if "motion" not in job.stages and "compose" not in job.stages:
         return
     from backend import stage2, stage3

@@ -112,6 +112,66 @@ def to_chw(image: np.ndarray, device) -> torch.Tensor:
     return torch.as_tensor(image, dtype=torch.float32, device=device).permute(2, 0, 1).contiguous()
 
 
+@dataclass
+class LiftInput:
+    """One object's first frame [H,W,3] float in [0,1] and mask [H,W] bool, and its id."""
+
+    image: np.ndarray
+    mask: np.ndarray
+    object_id: str = "001"
+
+
+class _ObjectLift:
+    """One object's stage-1 state inside `lift_objects`: its reference crop, Gaussians, optimiser,
+    densification and random streams (seeded by the object id, so an object's run is the same
+    whichever others share the loop)."""
+
+    def __init__(self, item: LiftInput, config: Config, device: torch.device, with_sds: bool):
+        cfg = config.stage1
+        self.object_id = item.object_id
+        seed = config.seed + int(item.object_id) if item.object_id.isdigit() else config.seed
+        self.rng = np.random.default_rng(seed)
+        gen = torch.Generator().manual_seed(seed)
+        self.frame = to_chw(item.image, device)
+        self.frame_mask = torch.as_tensor(item.mask, dtype=torch.float32, device=device)[None]
+        hwc = self.frame.permute(1, 2, 0)
+        crop = crop_object(hwc, self.frame_mask[0], size=cfg.reference_size, fill_ratio=config.crop_fill)
+        self.ref_img, self.ref_mask, self.window = crop.image, (crop.mask > 0.5).float(), crop.window
+        # The SDS condition: the same window at the guidance's 256 px.
+        self.sds_reference = (
+            crop_object(hwc, self.frame_mask[0], size=256, window=_resized_window(self.window, 256)).image
+            if with_sds
+            else None
+        )
+        self.model = GaussianModel.random_ball(
+            cfg.num_gaussians, cfg.init_radius, generator=gen, device=device
+        )
+        self.optimizer = make_optimizer(
+            self.model,
+            {
+                "means": cfg.lr_position,
+                "color_logits": cfg.lr_color,
+                "opacity_logits": cfg.lr_opacity,
+                "log_scales": cfg.lr_scale,
+                "quats": cfg.lr_rotation,
+            },
+        )
+        d = cfg.densify
+        self.strategy = DensifyStrategy(
+            interval=d.interval,
+            max_gaussians=d.max_gaussians,
+            grad_threshold=d.grad_threshold,
+            clone_max_scale=d.clone_max_scale,
+            split_factor=d.split_factor,
+            prune_opacity=d.prune_opacity,
+            prune_max_scale=d.prune_max_scale,
+            until_step=int(d.until_ratio * cfg.iters),
+            generator=torch.Generator(device=device).manual_seed(seed),
+        )
+        self.timer = StepTimer(cfg.iters)
+        self.start = time.perf_counter()
+
+
 def lift_object(
     image: np.ndarray,
     mask: np.ndarray,
@@ -124,117 +184,151 @@ def lift_object(
     raster_backend: str = "auto",
 ) -> StaticResult:
     """Stage 1 for one object. `image` [H,W,3] float in [0,1], `mask` [H,W] bool (frame 0)."""
-    cfg = config.stage1
-    seed = config.seed + int(object_id) if object_id.isdigit() else config.seed
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    gen = torch.Generator().manual_seed(seed)
-    t_start = time.perf_counter()
-
-    frame = to_chw(image, device)
-    frame_mask = torch.as_tensor(mask, dtype=torch.float32, device=device)[None]
-    crop = crop_object(
-        frame.permute(1, 2, 0), frame_mask[0], size=cfg.reference_size, fill_ratio=config.crop_fill
+    (result,) = lift_objects(
+        [LiftInput(image, mask, object_id)],
+        config,
+        device,
+        guidance,
+        on_progress,
+        should_stop,
+        raster_backend,
     )
-    ref_img, ref_mask, window = crop.image, (crop.mask > 0.5).float(), crop.window
+    return result
+
+
+def lift_objects(
+    items: list[LiftInput],
+    config: Config,
+    device: torch.device,
+    guidance=None,
+    on_progress: ProgressFn | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    raster_backend: str = "auto",
+) -> list[StaticResult]:
+    """Stage 1 for several objects of a video in one loop: each step renders every object and
+    scores all their novel views in one SDS batch, each view conditioned on its own object's
+    reference crop.
+
+    The objects share nothing but that batch: each has its own Gaussians, optimiser and
+    densification, and the SDS term is the sum of the objects' per-view means, so each object
+    gets the gradient it would get alone (up to the SDS noise draws).
+    """
+    if not items:
+        return []
+    cfg = config.stage1
+    d = cfg.densify
+    torch.manual_seed(config.seed + int(items[0].object_id) if items[0].object_id.isdigit() else config.seed)
+    lifts = [_ObjectLift(item, config, device, guidance is not None) for item in items]
     ref_cam = Camera.orbit(0.0, 0.0, 2.0, cfg.reference_size, cfg.reference_size)
     if guidance is not None:
-        sds_ref = crop_object(
-            frame.permute(1, 2, 0), frame_mask[0], size=256, window=_resized_window(window, 256)
-        )
-        guidance.set_references(sds_ref.image[None])
-
-    model = GaussianModel.random_ball(cfg.num_gaussians, cfg.init_radius, generator=gen, device=device)
-    lrs = {
-        "means": cfg.lr_position,
-        "color_logits": cfg.lr_color,
-        "opacity_logits": cfg.lr_opacity,
-        "log_scales": cfg.lr_scale,
-        "quats": cfg.lr_rotation,
-    }
-    optimizer = make_optimizer(model, lrs)
-    d = cfg.densify
-    strategy = DensifyStrategy(
-        interval=d.interval,
-        max_gaussians=d.max_gaussians,
-        grad_threshold=d.grad_threshold,
-        clone_max_scale=d.clone_max_scale,
-        split_factor=d.split_factor,
-        prune_opacity=d.prune_opacity,
-        prune_max_scale=d.prune_max_scale,
-        until_step=int(d.until_ratio * cfg.iters),
-    )
+        guidance.set_references(torch.stack([lift.sds_reference for lift in lifts]))
+        # View v of object i is conditioned on reference i.
+        reference_index = torch.arange(len(lifts), device=device).repeat_interleave(cfg.novel_views)
     active = ["rgb", "mask"] + (["sds"] if guidance is not None else [])
     weights = {k: v for k, v in cfg.loss_weights.items() if guidance is not None or k != "sds"}
     losses_spec = WeightedLosses(weights, active, "stage1.loss_weights")
+    as_t = lambda a: torch.as_tensor(np.concatenate(a), dtype=torch.float32, device=device)  # noqa: E731
+    names = ", ".join(lift.object_id for lift in lifts)
 
-    timer = StepTimer(cfg.iters)
     every = report_every(cfg.iters)
     for step in range(cfg.iters):
         if should_stop is not None and should_stop():
-            raise JobCancelled(f"object {object_id}: stopped in stage 1 at step {step}")
+            raise JobCancelled(f"object {names}: stopped in stage 1 at step {step}")
         ratio = (step + 1) / cfg.iters
-        for group in optimizer.param_groups:
-            if group["name"] == "means":
-                group["lr"] = exponential_lr(
-                    step, cfg.lr_position, cfg.lr_position_final, cfg.lr_position_steps
-                )
-        g = model.activated()
-        ref = render_views(g, [ref_cam], device, backend=raster_backend)
-        color = ref.color[0].permute(2, 0, 1)
-        alpha = ref.alpha[0].permute(2, 0, 1)
-        losses = {
-            "rgb": balanced_mse(color, ref_img, ref_mask),
-            "mask": balanced_mse(alpha, ref_mask, ref_mask),
-        }
-        renders = [ref]
-        if guidance is not None:
-            res = novel_resolution(cfg.novel_resolution_schedule, ratio)
-            cams, de, da, dr = sample_novel_cameras(cfg, cfg.novel_views, res, rng)
-            novel = render_views(g, cams, device, backend=raster_backend)
-            images = novel.color.permute(0, 3, 1, 2)
-            if res != 256:
-                images = F.interpolate(images, (256, 256), mode="bilinear", align_corners=False)
-            as_t = lambda a: torch.as_tensor(a, dtype=torch.float32, device=device)  # noqa: E731
-            losses["sds"], _ = guidance.sds_loss(images, as_t(de), as_t(da), as_t(dr), step_ratio=ratio)
-            renders.append(novel)
-        total = losses_spec.total(losses, scale={"rgb": ratio, "mask": ratio})
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        for out in renders:
-            strategy.after_backward(model, out.means2d, out.radii, out.color.shape[2], out.color.shape[1])
-        optimizer.step()
-        if len(model) < d.max_gaussians or step % d.interval == 0:
-            strategy.after_step(model, optimizer, step + 1)
-        eta = timer.tick(step)
-        if on_progress is not None and (step % every == 0 or step == cfg.iters - 1):
-            on_progress(
+        lr = exponential_lr(step, cfg.lr_position, cfg.lr_position_final, cfg.lr_position_steps)
+        losses, renders, novel_images, views = [], [], [], ([], [], [])
+        for lift in lifts:
+            for group in lift.optimizer.param_groups:
+                if group["name"] == "means":
+                    group["lr"] = lr
+            g = lift.model.activated()
+            ref = render_views(g, [ref_cam], device, backend=raster_backend)
+            losses.append(
                 {
-                    "type": "progress",
-                    "object": object_id,
-                    "stage": "static",
-                    "phase": "lift",
-                    "step": step + 1,
-                    "total": cfg.iters,
-                    "losses": loss_values(losses) | {"gaussians": len(model)},
-                    "eta_s": eta,
+                    "rgb": balanced_mse(ref.color[0].permute(2, 0, 1), lift.ref_img, lift.ref_mask),
+                    "mask": balanced_mse(ref.alpha[0].permute(2, 0, 1), lift.ref_mask, lift.ref_mask),
                 }
             )
-    final_prune(model, optimizer, d.final_prune_opacity, d.final_prune_max_scale)
+            renders.append([ref])
+            if guidance is not None:
+                res = novel_resolution(cfg.novel_resolution_schedule, ratio)
+                cams, de, da, dr = sample_novel_cameras(cfg, cfg.novel_views, res, lift.rng)
+                novel = render_views(g, cams, device, backend=raster_backend)
+                images = novel.color.permute(0, 3, 1, 2)
+                if res != 256:
+                    images = F.interpolate(images, (256, 256), mode="bilinear", align_corners=False)
+                novel_images.append(images)
+                for acc, values in zip(views, (de, da, dr)):
+                    acc.append(values)
+                renders[-1].append(novel)
+        total = torch.stack(
+            [losses_spec.total(obj_losses, scale={"rgb": ratio, "mask": ratio}) for obj_losses in losses]
+        ).sum()
+        if guidance is not None:
+            sds_sum, _ = guidance.sds_loss(
+                torch.cat(novel_images),
+                *(as_t(v) for v in views),
+                step_ratio=ratio,
+                reference_index=reference_index,
+                reduction="sum",
+            )
+            # Sum over objects of each object's mean over its own views.
+            sds = sds_sum / cfg.novel_views
+            total = total + losses_spec.weights["sds"] * sds
+            for obj_losses in losses:
+                obj_losses["sds"] = sds.detach() / len(lifts)
+        for lift in lifts:
+            lift.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        for lift, outs, obj_losses in zip(lifts, renders, losses):
+            for out in outs:
+                lift.strategy.after_backward(
+                    lift.model, out.means2d, out.radii, out.color.shape[2], out.color.shape[1]
+                )
+            lift.optimizer.step()
+            if len(lift.model) < d.max_gaussians or step % d.interval == 0:
+                lift.strategy.after_step(lift.model, lift.optimizer, step + 1)
+            eta = lift.timer.tick(step)
+            if on_progress is not None and (step % every == 0 or step == cfg.iters - 1):
+                on_progress(
+                    {
+                        "type": "progress",
+                        "object": lift.object_id,
+                        "stage": "static",
+                        "phase": "lift",
+                        "step": step + 1,
+                        "total": cfg.iters,
+                        "losses": loss_values(obj_losses) | {"gaussians": len(lift.model)},
+                        "eta_s": eta,
+                    }
+                )
 
-    with torch.no_grad():
-        ref = render_views(model.activated(), [ref_cam], device, backend=raster_backend)
-        color = ref.color[0].permute(2, 0, 1)
-        metrics = {
-            "psnr": psnr_in_mask(color, ref_img, ref_mask),
-            "iou": mask_iou(ref.alpha[0].permute(2, 0, 1), ref_mask),
-            "gaussians": len(model),
-        }
-    scale, translation = place_frame0(
-        model, frame, frame_mask, window, config, device, on_progress, should_stop, object_id, raster_backend
-    )
-    metrics["seconds"] = time.perf_counter() - t_start
-    return StaticResult(model, window, scale, translation, metrics)
+    results = []
+    for lift in lifts:
+        model = lift.model
+        final_prune(model, lift.optimizer, d.final_prune_opacity, d.final_prune_max_scale)
+        with torch.no_grad():
+            ref = render_views(model.activated(), [ref_cam], device, backend=raster_backend)
+            metrics = {
+                "psnr": psnr_in_mask(ref.color[0].permute(2, 0, 1), lift.ref_img, lift.ref_mask),
+                "iou": mask_iou(ref.alpha[0].permute(2, 0, 1), lift.ref_mask),
+                "gaussians": len(model),
+            }
+        scale, translation = place_frame0(
+            model,
+            lift.frame,
+            lift.frame_mask,
+            lift.window,
+            config,
+            device,
+            on_progress,
+            should_stop,
+            lift.object_id,
+            raster_backend,
+        )
+        metrics["seconds"] = time.perf_counter() - lift.start
+        results.append(StaticResult(model, lift.window, scale, translation, metrics))
+    return results
 
 
 def _resized_window(window: CropWindow, size: int) -> CropWindow:

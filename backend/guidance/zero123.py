@@ -165,6 +165,21 @@ def compile_modes(mode: str) -> tuple[str, str]:
     return ("reduce-overhead", "default") if mode == "auto" else (mode, mode)
 
 
+def encoder_compile_options(mode: str) -> dict[str, Any]:
+    """Inductor options for the VAE encoder: those of torch.compile `mode`, plus channels-last
+    layouts forced in every graph the encoder compiles to, its backward included.
+
+    Inductor picks channels-last per graph by counting `aten.convolution` nodes; the backward
+    graph holds only `convolution_backward` nodes, so it counts none and keeps NCHW.  Each of its
+    convolution backwards (cuDNN, channels-last weights) then first copied its NCHW incoming
+    gradient to channels-last: about 10 ms of copies in a 16-view step on an H100
+    (tests/bench/step_profile_h100.json, "direct_copy_kernel").
+    """
+    from torch._inductor import list_mode_options
+
+    return {**list_mode_options(mode), "force_layout_optimization": True}
+
+
 def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
     """Half precision only where it is fast and supported: on CPU everything runs in fp32."""
     if name not in DTYPES:
@@ -501,6 +516,20 @@ def _per_view(values: Any, n: int, device: torch.device, name: str) -> torch.Ten
     return t
 
 
+def use_matmul_attention(vae: nn.Module) -> None:
+    """Run the VAE's self-attention (one head of 512 channels over the 32x32 latent grid) as
+    plain matrix products and a softmax instead of fused scaled-dot-product attention.
+
+    Same maths.  No flash kernel takes a head of 512 channels, so PyTorch falls back to its
+    memory-efficient kernel, whose backward alone took 4.4 ms of a 16-view stage-1 step on an
+    H100 (tests/bench/step_profile_h100.json); at 1024 tokens the score matrix is small, and two
+    batched GEMMs do the same work in a fraction of that (tests/bench/encoder_variants.py).
+    """
+    from diffusers.models.attention_processor import AttnProcessor
+
+    vae.set_attn_processor(AttnProcessor())
+
+
 class Zero123Guidance:
     """SDS loss for rendered novel views, conditioned on cached reference crops.
 
@@ -533,11 +562,14 @@ class Zero123Guidance:
         # convolution shapes are fixed, so cuDNN's autotuning pays for itself after a few steps
         # (it is a process-wide switch).
         torch.backends.cudnn.benchmark = True
+        use_matmul_attention(self.vae)
         self.unet.to(memory_format=torch.channels_last)
         self.vae.to(memory_format=torch.channels_last)
         unet_mode, encoder_mode = compile_modes(self.cfg.compile_mode)
         self.unet = torch.compile(self.unet, dynamic=False, mode=unet_mode)
-        self.vae.encoder = torch.compile(self.vae.encoder, dynamic=False, mode=encoder_mode)
+        self.vae.encoder = torch.compile(
+            self.vae.encoder, dynamic=False, options=encoder_compile_options(encoder_mode)
+        )
 
     # -- inputs ----------------------------------------------------------------------------
 
