@@ -441,3 +441,21 @@ def test_optimized_sds_matches_eager_on_cuda(tiny_model):
     (l0, g0), (l1, g1) = results
     assert abs(l1 - l0) <= 2e-2 * abs(l0)
     assert float((g1 - g0).norm() / g0.norm()) < 2e-2
+
+
+def test_chunks_are_of_equal_size(guidance):
+    seen = []
+    encode = guidance.encode_rendered
+
+    def recording(x, generator=None):
+        seen.append(x.shape[0])
+        return encode(x, generator)
+
+    guidance.encode_rendered = recording
+    guidance.cfg.encode_chunk = 5
+    n = 8  # 4 + 4, not 5 + 3
+    images = torch.rand(n, 3, 32, 32, requires_grad=True)
+    loss, _ = guidance.sds_loss(images, [0.0] * n, [30.0] * n, [0.0] * n, 0.5)
+    loss.backward()
+    assert seen == [4, 4]
+    assert images.grad is not None and images.grad.abs().sum() > 0

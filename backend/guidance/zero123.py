@@ -749,6 +749,9 @@ class Zero123Guidance:
         grads: list[torch.Tensor] = []
         grad_norms: list[torch.Tensor] = []
         info: dict = {}
+        # Chunks of equal size (at most `encode_chunk`): 32 views go as 16 + 16, not 20 + 12, so
+        # two objects lifted together run the compiled shapes of one object's 16 views.
+        chunk = math.ceil(n / math.ceil(n / chunk))
         for start in range(0, n, chunk):
             part = slice(start, min(start + chunk, n))
             x = rendered[part].detach().requires_grad_(with_grad)
