@@ -292,6 +292,10 @@ def _mode_label(r: dict) -> str:
     return ", ".join(parts)
 
 
+def _seconds(value: float) -> str:
+    return "(stage 1 only)" if value != value else f"{value:.1f}"
+
+
 def write_markdown(results: dict, path: Path) -> None:
     kept = ""
     if path.is_file():
@@ -312,7 +316,7 @@ def write_markdown(results: dict, path: Path) -> None:
     for r in results["runs"]:
         lines.append(
             f"| {r['card']} | {r['date']} | {_mode_label(r)} | {r['video']} | {r['objects']} | {r['frames']} | "
-            f"{r['stage1_s_per_object']:.1f} | {r['stage2_s_per_object']:.1f} | {r['total_s']:.1f} | "
+            f"{r['stage1_s_per_object']:.1f} | {_seconds(r['stage2_s_per_object'])} | {_seconds(r['total_s'])} | "
             f"{r['peak_gb']:.1f} | {r['render_fps_512']:.0f} |"
         )
     commands = list(dict.fromkeys(f"    {r['command']}" for r in results["runs"]))
