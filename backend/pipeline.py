@@ -302,11 +302,7 @@ def _run_stages(
         peak = peak_memory(job.device)
         for item, result in zip(items, results):
             object_id = item.object_id
-            ckpt = {
-                "gaussians": result.model.state(),
-                "placement": result.placement_state(),
-                "metrics": result.metrics,
-            }
+            ckpt = result.checkpoint()
             atomic_torch_save(ckpt, checkpoint_path(out_dir, object_id, "static"))
             static_dir = out_dir / "static"
             static_dir.mkdir(exist_ok=True)

@@ -42,6 +42,10 @@ class StaticResult:
     translation: np.ndarray  # [3] object -> world translation of frame 0
     metrics: dict = field(default_factory=dict)
 
+    def checkpoint(self) -> dict:
+        """What stage 2 and a resumed run read back: the Gaussians, the placement, the metrics."""
+        return {"gaussians": self.model.state(), "placement": self.placement_state(), "metrics": self.metrics}
+
     def placement_state(self) -> dict:
         return {
             "scale": float(self.scale),
@@ -129,7 +133,7 @@ class _ObjectLift:
     def __init__(self, item: LiftInput, config: Config, device: torch.device, with_sds: bool):
         cfg = config.stage1
         self.object_id = item.object_id
-        seed = config.seed + int(item.object_id) if item.object_id.isdigit() else config.seed
+        self.seed = seed = config.seed + int(item.object_id) if item.object_id.isdigit() else config.seed
         self.rng = np.random.default_rng(seed)
         gen = torch.Generator().manual_seed(seed)
         self.frame = to_chw(item.image, device)
@@ -217,8 +221,9 @@ def lift_objects(
         return []
     cfg = config.stage1
     d = cfg.densify
-    torch.manual_seed(config.seed + int(items[0].object_id) if items[0].object_id.isdigit() else config.seed)
     lifts = [_ObjectLift(item, config, device, guidance is not None) for item in items]
+    # The global stream draws the SDS noise (shared by the batch): seeded by the first object.
+    torch.manual_seed(lifts[0].seed)
     ref_cam = Camera.orbit(0.0, 0.0, 2.0, cfg.reference_size, cfg.reference_size)
     if guidance is not None:
         guidance.set_references(torch.stack([lift.sds_reference for lift in lifts]))

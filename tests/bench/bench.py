@@ -130,11 +130,7 @@ def run_video(args, video_name: str, guidance=None) -> dict:
         for k, result in zip(group, results):
             object_id = items[k].object_id
             torch.cuda.reset_peak_memory_stats() if device.type == "cuda" else None
-            ckpt = {
-                "gaussians": result.model.state(),
-                "placement": result.placement_state(),
-                "metrics": result.metrics,
-            }
+            ckpt = result.checkpoint()
             t2 = time.perf_counter()
             if args.stage1_only:
                 motion = {
